@@ -1,0 +1,188 @@
+// Package config defines the sidecar's command-line flags and turns their
+// values into a validated Config. Validation happens once, before anything
+// touches the machine; every later step works with typed values only.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"strconv"
+	"strings"
+	"time"
+	"unicode"
+
+	"github.com/spf13/pflag"
+)
+
+// Flags holds the command-line values as given, before validation.
+type Flags struct {
+	IPAddress     string
+	Port          string
+	Interface     string
+	SyncInterval  time.Duration
+	SetupIPTables bool
+	Cleanup       bool
+	Daemon        bool
+	DryRun        bool
+}
+
+// AddFlags registers the sidecar's own flags on fs with their defaults.
+// Names, defaults and meanings are those of the original sidecar; --dry-run
+// is new.
+func (f *Flags) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one IPv4 address, one IPv6 address, or one of each separated by a comma.")
+	fs.StringVar(&f.Port, "port", "443", "[optional] port on which the proxy is listening.")
+	fs.StringVar(&f.Interface, "interface", "lo", "[optional] name of the interface to add address to.")
+	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
+	fs.BoolVar(&f.SetupIPTables, "setup-iptables", false, "[optional] indicates whether iptables rules should be setup.")
+	fs.BoolVar(&f.Cleanup, "cleanup", false, "[optional] indicates whether created interface and iptables should be removed on exit.")
+	fs.BoolVar(&f.Daemon, "daemon", true, "[optional] indicates if the sidecar should run as a daemon")
+	fs.BoolVar(&f.DryRun, "dry-run", false, "[optional] validate the flags, print the iptables-restore input that would be loaded on a node where none of it exists yet, and exit without touching the machine.")
+}
+
+// Config is the validated configuration.
+type Config struct {
+	// Addrs holds one or two addresses, at most one per family, IPv4 first.
+	Addrs         []netip.Addr
+	Port          uint16
+	Interface     string
+	SyncInterval  time.Duration
+	SetupIPTables bool
+	Cleanup       bool
+	Daemon        bool
+	DryRun        bool
+}
+
+// FlagError reports a flag whose value was refused.
+type FlagError struct {
+	Flag   string
+	Value  string
+	Reason string
+}
+
+func (e *FlagError) Error() string {
+	return fmt.Sprintf("invalid value %q for --%s: %s", e.Value, e.Flag, e.Reason)
+}
+
+// Validate checks every value and returns the typed configuration, or a
+// *FlagError naming the first flag that was refused.
+func (f Flags) Validate() (Config, error) {
+	addrs, err := ParseAddresses(f.IPAddress)
+	if err != nil {
+		return Config{}, flagError("ip-address", f.IPAddress, err)
+	}
+	port, err := ParsePort(f.Port)
+	if err != nil {
+		return Config{}, flagError("port", f.Port, err)
+	}
+	if err := CheckInterfaceName(f.Interface); err != nil {
+		return Config{}, flagError("interface", f.Interface, err)
+	}
+	if f.SyncInterval <= 0 {
+		return Config{}, flagError("sync-interval", f.SyncInterval.String(), errors.New("must be positive"))
+	}
+	return Config{
+		Addrs:         addrs,
+		Port:          port,
+		Interface:     f.Interface,
+		SyncInterval:  f.SyncInterval,
+		SetupIPTables: f.SetupIPTables,
+		Cleanup:       f.Cleanup,
+		Daemon:        f.Daemon,
+		DryRun:        f.DryRun,
+	}, nil
+}
+
+func flagError(flag, value string, err error) *FlagError {
+	return &FlagError{Flag: flag, Value: value, Reason: err.Error()}
+}
+
+// ParseAddresses parses one address, or a comma-separated pair of one IPv4
+// and one IPv6 address. It refuses prefixes, zones, unspecified, multicast
+// and IPv4-mapped IPv6 addresses, since none of them can be a proxy's
+// listening address on a node. The result is ordered IPv4 first.
+func ParseAddresses(s string) ([]netip.Addr, error) {
+	if s == "" {
+		return nil, errors.New("an address is required")
+	}
+	parts := strings.Split(s, ",")
+	if len(parts) > 2 {
+		return nil, errors.New("at most two addresses, one IPv4 and one IPv6")
+	}
+	addrs := make([]netip.Addr, 0, len(parts))
+	for _, p := range parts {
+		a, err := parseAddress(p)
+		if err != nil {
+			return nil, err
+		}
+		addrs = append(addrs, a)
+	}
+	if len(addrs) == 2 {
+		if addrs[0].Is4() == addrs[1].Is4() {
+			return nil, errors.New("two addresses must be one IPv4 and one IPv6")
+		}
+		if addrs[1].Is4() {
+			addrs[0], addrs[1] = addrs[1], addrs[0]
+		}
+	}
+	return addrs, nil
+}
+
+func parseAddress(s string) (netip.Addr, error) {
+	if strings.Contains(s, "/") {
+		return netip.Addr{}, fmt.Errorf("%q is a prefix; give the address alone", s)
+	}
+	a, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, fmt.Errorf("%q is not an IP address", s)
+	}
+	switch {
+	case a.Zone() != "":
+		return netip.Addr{}, fmt.Errorf("%q has a zone; give an address without one", s)
+	case a.Is4In6():
+		return netip.Addr{}, fmt.Errorf("%q is an IPv4-mapped IPv6 address; give the IPv4 address", s)
+	case a.IsUnspecified():
+		return netip.Addr{}, fmt.Errorf("%q is the unspecified address", s)
+	case a.IsMulticast():
+		return netip.Addr{}, fmt.Errorf("%q is a multicast address", s)
+	case a == netip.AddrFrom4([4]byte{255, 255, 255, 255}):
+		return netip.Addr{}, fmt.Errorf("%q is the broadcast address", s)
+	}
+	return a, nil
+}
+
+// ParsePort parses a TCP port number in 1..65535.
+func ParsePort(s string) (uint16, error) {
+	n, err := strconv.ParseUint(s, 10, 16)
+	if err != nil || n == 0 {
+		return 0, errors.New("must be a number in 1..65535")
+	}
+	return uint16(n), nil
+}
+
+// maxInterfaceName is the longest interface name Linux accepts (IFNAMSIZ-1).
+const maxInterfaceName = 15
+
+// CheckInterfaceName applies the kernel's rules for interface names
+// (dev_valid_name): 1 to 15 bytes, not "." or "..", and no '/', ':',
+// whitespace or control character.
+func CheckInterfaceName(s string) error {
+	switch {
+	case s == "":
+		return errors.New("must not be empty")
+	case len(s) > maxInterfaceName:
+		return fmt.Errorf("longer than %d bytes", maxInterfaceName)
+	case s == "." || s == "..":
+		return errors.New("is not a valid interface name")
+	}
+	for _, r := range s {
+		switch {
+		case r == '/' || r == ':':
+			return fmt.Errorf("must not contain %q", r)
+		case unicode.IsSpace(r) || unicode.IsControl(r) || r == unicode.ReplacementChar:
+			return errors.New("must not contain whitespace or control characters")
+		}
+	}
+	return nil
+}

@@ -1,0 +1,115 @@
+package config
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func valid() Flags {
+	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Daemon: true}
+}
+
+func TestValidateAccepts(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		edit  func(*Flags)
+		addrs []string
+		port  uint16
+	}{
+		{"defaults", func(*Flags) {}, []string{"10.96.0.2"}, 443},
+		{"IPv6", func(f *Flags) { f.IPAddress = "fd00::2" }, []string{"fd00::2"}, 443},
+		{"dual-stack", func(f *Flags) { f.IPAddress = "10.96.0.2,fd00::2" }, []string{"10.96.0.2", "fd00::2"}, 443},
+		{"dual-stack IPv6 first is reordered", func(f *Flags) { f.IPAddress = "fd00::2,10.96.0.2" }, []string{"10.96.0.2", "fd00::2"}, 443},
+		{"port 1", func(f *Flags) { f.Port = "1" }, []string{"10.96.0.2"}, 1},
+		{"port 65535", func(f *Flags) { f.Port = "65535" }, []string{"10.96.0.2"}, 65535},
+		{"15-byte interface", func(f *Flags) { f.Interface = "apiserver-proxy" }, []string{"10.96.0.2"}, 443},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := valid()
+			tc.edit(&f)
+			cfg, err := f.Validate()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var want []netip.Addr
+			for _, a := range tc.addrs {
+				want = append(want, netip.MustParseAddr(a))
+			}
+			if diff := cmp.Diff(want, cfg.Addrs, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+				t.Errorf("addrs (-want +got):\n%s", diff)
+			}
+			if cfg.Port != tc.port || cfg.Interface != f.Interface || cfg.SyncInterval != f.SyncInterval || !cfg.Daemon {
+				t.Errorf("config = %+v, want port %d and the flags' other values", cfg, tc.port)
+			}
+		})
+	}
+}
+
+// TestValidateRefuses covers every kind of input that must be refused. The
+// error must name the flag and show the value.
+func TestValidateRefuses(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		flag  string
+		value string
+		edit  func(*Flags)
+	}{
+		{"missing address", "ip-address", "", func(f *Flags) { f.IPAddress = "" }},
+		{"not an address", "ip-address", "10.96.0", func(f *Flags) { f.IPAddress = "10.96.0" }},
+		{"hostname", "ip-address", "apiserver", func(f *Flags) { f.IPAddress = "apiserver" }},
+		{"zone", "ip-address", "fe80::1%eth0", func(f *Flags) { f.IPAddress = "fe80::1%eth0" }},
+		{"prefix", "ip-address", "10.96.0.2/32", func(f *Flags) { f.IPAddress = "10.96.0.2/32" }},
+		{"unspecified IPv4", "ip-address", "0.0.0.0", func(f *Flags) { f.IPAddress = "0.0.0.0" }},
+		{"unspecified IPv6", "ip-address", "::", func(f *Flags) { f.IPAddress = "::" }},
+		{"two IPv4", "ip-address", "10.96.0.2,10.96.0.3", func(f *Flags) { f.IPAddress = "10.96.0.2,10.96.0.3" }},
+		{"two IPv6", "ip-address", "fd00::2,fd00::3", func(f *Flags) { f.IPAddress = "fd00::2,fd00::3" }},
+		{"three addresses", "ip-address", "10.96.0.2,fd00::2,10.96.0.3", func(f *Flags) { f.IPAddress = "10.96.0.2,fd00::2,10.96.0.3" }},
+		{"empty second address", "ip-address", "10.96.0.2,", func(f *Flags) { f.IPAddress = "10.96.0.2," }},
+		{"space after comma", "ip-address", "10.96.0.2, fd00::2", func(f *Flags) { f.IPAddress = "10.96.0.2, fd00::2" }},
+		{"IPv4-mapped IPv6", "ip-address", "::ffff:10.96.0.2", func(f *Flags) { f.IPAddress = "::ffff:10.96.0.2" }},
+		{"multicast", "ip-address", "224.0.0.1", func(f *Flags) { f.IPAddress = "224.0.0.1" }},
+		{"broadcast", "ip-address", "255.255.255.255", func(f *Flags) { f.IPAddress = "255.255.255.255" }},
+		{"address with newline", "ip-address", "10.96.0.2\n", func(f *Flags) { f.IPAddress = "10.96.0.2\n" }},
+		{"port 0", "port", "0", func(f *Flags) { f.Port = "0" }},
+		{"port too large", "port", "65536", func(f *Flags) { f.Port = "65536" }},
+		{"negative port", "port", "-1", func(f *Flags) { f.Port = "-1" }},
+		{"port name", "port", "https", func(f *Flags) { f.Port = "https" }},
+		{"empty port", "port", "", func(f *Flags) { f.Port = "" }},
+		{"port with newline", "port", "443\n", func(f *Flags) { f.Port = "443\n" }},
+		{"empty interface", "interface", "", func(f *Flags) { f.Interface = "" }},
+		{"16-byte interface", "interface", "apiserver-proxy0", func(f *Flags) { f.Interface = "apiserver-proxy0" }},
+		{"interface with slash", "interface", "eth/0", func(f *Flags) { f.Interface = "eth/0" }},
+		{"interface with space", "interface", "eth 0", func(f *Flags) { f.Interface = "eth 0" }},
+		{"interface with tab", "interface", "eth\t0", func(f *Flags) { f.Interface = "eth\t0" }},
+		{"interface with colon", "interface", "lo:1", func(f *Flags) { f.Interface = "lo:1" }},
+		{"interface with control character", "interface", "eth\x010", func(f *Flags) { f.Interface = "eth\x010" }},
+		{"interface with newline", "interface", "lo\n", func(f *Flags) { f.Interface = "lo\n" }},
+		{"interface dot", "interface", ".", func(f *Flags) { f.Interface = "." }},
+		{"zero sync interval", "sync-interval", "0s", func(f *Flags) { f.SyncInterval = 0 }},
+		{"negative sync interval", "sync-interval", "-1s", func(f *Flags) { f.SyncInterval = -time.Second }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := valid()
+			tc.edit(&f)
+			cfg, err := f.Validate()
+			if err == nil {
+				t.Fatalf("Validate succeeded with %+v", cfg)
+			}
+			var fe *FlagError
+			if !errors.As(err, &fe) {
+				t.Fatalf("error %v is not a *FlagError", err)
+			}
+			if fe.Flag != tc.flag || fe.Value != tc.value {
+				t.Errorf("error names --%s=%q, want --%s=%q", fe.Flag, fe.Value, tc.flag, tc.value)
+			}
+			if msg := err.Error(); !strings.Contains(msg, "--"+tc.flag) || strings.ContainsAny(msg, "\n\r") {
+				t.Errorf("message %q must name --%s and fit on one line", msg, tc.flag)
+			}
+		})
+	}
+}

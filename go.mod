@@ -1,0 +1,16 @@
+module github.com/apiserver-proxy/apiserver-proxy-sidecar
+
+go 1.26.8
+
+require (
+	github.com/google/go-cmp v0.7.0
+	github.com/spf13/pflag v1.0.10
+	github.com/vishvananda/netlink v1.3.1
+	github.com/vishvananda/netns v0.0.5
+	k8s.io/klog/v2 v2.140.0
+)
+
+require (
+	github.com/go-logr/logr v1.4.1 // indirect
+	golang.org/x/sys v0.10.0 // indirect
+)

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
+)
+
+// mustNotStart fails the test if the command got as far as touching the
+// machine.
+func mustNotStart(t *testing.T) sidecarFunc {
+	return func(context.Context, config.Config, []*render.Ruleset) error {
+		t.Error("the sidecar was started; bad input and --dry-run must change nothing")
+		return nil
+	}
+}
+
+func runCmd(t *testing.T, args ...string) (code int, stdout, stderr string) {
+	t.Helper()
+	var out, errOut bytes.Buffer
+	code = run(context.Background(), args, &out, &errOut, mustNotStart(t))
+	return code, out.String(), errOut.String()
+}
+
+func TestBadInputExits2(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		args []string
+		want string // must appear in the message: the flag and the value
+	}{
+		{"missing address", nil, `"" for --ip-address`},
+		{"address does not parse", []string{"--ip-address", "10.96.0.300"}, `"10.96.0.300" for --ip-address`},
+		{"zone", []string{"--ip-address", "fe80::1%eth0"}, `"fe80::1%eth0" for --ip-address`},
+		{"prefix", []string{"--ip-address", "10.96.0.2/32"}, `"10.96.0.2/32" for --ip-address`},
+		{"unspecified IPv4", []string{"--ip-address", "0.0.0.0"}, `"0.0.0.0" for --ip-address`},
+		{"unspecified IPv6", []string{"--ip-address", "::"}, `"::" for --ip-address`},
+		{"two IPv4", []string{"--ip-address", "10.96.0.2,10.96.0.3"}, `"10.96.0.2,10.96.0.3" for --ip-address`},
+		{"two IPv6", []string{"--ip-address", "fd00::2,fd00::3"}, `"fd00::2,fd00::3" for --ip-address`},
+		{"port not a number", []string{"--ip-address", "10.96.0.2", "--port", "https"}, `"https" for --port`},
+		{"port 0", []string{"--ip-address", "10.96.0.2", "--port", "0"}, `"0" for --port`},
+		{"port 65536", []string{"--ip-address", "10.96.0.2", "--port", "65536"}, `"65536" for --port`},
+		{"empty interface", []string{"--ip-address", "10.96.0.2", "--interface", ""}, `"" for --interface`},
+		{"long interface", []string{"--ip-address", "10.96.0.2", "--interface", "abcdefghijklmnop"}, `"abcdefghijklmnop" for --interface`},
+		{"interface with slash", []string{"--ip-address", "10.96.0.2", "--interface", "a/b"}, `"a/b" for --interface`},
+		{"interface with space", []string{"--ip-address", "10.96.0.2", "--interface", "a b"}, `"a b" for --interface`},
+		{"interface with colon", []string{"--ip-address", "10.96.0.2", "--interface", "lo:0"}, `"lo:0" for --interface`},
+		{"interface with control character", []string{"--ip-address", "10.96.0.2", "--interface", "lo\x7f"}, `"lo\x7f" for --interface`},
+		{"zero sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0"}, `"0s" for --sync-interval`},
+		{"negative sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "-5s"}, `"-5s" for --sync-interval`},
+		{"sync interval not a duration", []string{"--ip-address", "10.96.0.2", "--sync-interval", "often"}, `"often" for "--sync-interval"`},
+		{"newline in address", []string{"--ip-address", "10.96.0.2\n-A INPUT -j DROP"}, `--ip-address`},
+		{"newline in port", []string{"--ip-address", "10.96.0.2", "--port", "443\n"}, `--port`},
+		{"newline in interface", []string{"--ip-address", "10.96.0.2", "--interface", "lo\n"}, `--interface`},
+		{"newline in a klog flag", []string{"--ip-address", "10.96.0.2", "--log_file", "a\nb"}, `"a\nb" for --log_file`},
+		{"stray argument", []string{"--ip-address", "10.96.0.2", "extra"}, `unexpected argument "extra"`},
+		{"unknown flag", []string{"--ip-address", "10.96.0.2", "--no-such-flag"}, `--no-such-flag`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			// With --dry-run too: validation comes before everything.
+			for _, args := range [][]string{tc.args, append([]string{"--dry-run"}, tc.args...)} {
+				code, stdout, stderr := runCmd(t, args...)
+				if code != exitUsage {
+					t.Errorf("%q: exit code %d, want %d", args, code, exitUsage)
+				}
+				if stdout != "" {
+					t.Errorf("%q: stdout %q, want nothing", args, stdout)
+				}
+				if strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, tc.want) {
+					t.Errorf("%q: stderr %q, want one line containing %s", args, stderr, tc.want)
+				}
+			}
+		})
+	}
+}
+
+func TestHelpListsSeedFlags(t *testing.T) {
+	code, stdout, stderr := runCmd(t, "--help")
+	if code != exitOK || stderr != "" {
+		t.Fatalf("exit code %d, stderr %q; want 0 and nothing", code, stderr)
+	}
+	// Each flag of the original sidecar, with its default where it has one.
+	for _, want := range []string{
+		"--add_dir_header ",
+		"--alsologtostderr ",
+		"--cleanup ",
+		"--daemon ", "(default true)",
+		`--interface string `, `(default "lo")`,
+		"--ip-address string ",
+		"--log_backtrace_at traceLocation ", "(default :0)",
+		"--log_dir string ",
+		"--log_file string ",
+		"--log_file_max_size uint ", "(default 1800)",
+		"--logtostderr ",
+		`--port string `, `(default "443")`,
+		"--setup-iptables ",
+		"--skip_headers ",
+		"--skip_log_headers ",
+		"--stderrthreshold severity ", "(default 2)",
+		"--sync-interval duration ", "(default 1m0s)",
+		"-v, --v Level ",
+		"--vmodule moduleSpec ",
+		"--dry-run ",
+	} {
+		if !strings.Contains(stdout, want) {
+			t.Errorf("--help does not show %q", want)
+		}
+	}
+}
+
+// TestDryRunPrintsGolden proves that --dry-run prints exactly the golden
+// rulesets, whether or not --setup-iptables is given.
+func TestDryRunPrintsGolden(t *testing.T) {
+	for _, tc := range []struct {
+		golden string
+		args   []string
+	}{
+		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2"}},
+		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2", "--setup-iptables"}},
+		{"ipv4-port-8443.rules", []string{"--ip-address", "10.96.0.2", "--port", "8443"}},
+		{"ipv6.rules", []string{"--ip-address", "fd00::2"}},
+		{"dual-stack.rules", []string{"--ip-address", "fd00::2,10.96.0.2"}},
+	} {
+		want, err := os.ReadFile(filepath.Join("golden", tc.golden))
+		if err != nil {
+			t.Fatal(err)
+		}
+		code, stdout, stderr := runCmd(t, append([]string{"--dry-run"}, tc.args...)...)
+		if code != exitOK || stderr != "" {
+			t.Errorf("%q: exit code %d, stderr %q", tc.args, code, stderr)
+		}
+		if diff := cmp.Diff(string(want), stdout); diff != "" {
+			t.Errorf("%q (-want +got):\n%s", tc.args, diff)
+		}
+	}
+}
