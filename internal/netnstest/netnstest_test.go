@@ -1,0 +1,158 @@
+package netnstest
+
+import (
+	"errors"
+	"net"
+	"os/exec"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestNewNamespaceIsIsolated(t *testing.T) {
+	a, b := New(t), New(t)
+	a.Run(t, "ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
+
+	if got := a.Run(t, "ip", "-o", "addr", "show", "dev", "lo"); !strings.Contains(got, "192.0.2.1/32") {
+		t.Errorf("address added in %s is missing there:\n%s", a.Name, got)
+	}
+	if got := b.Run(t, "ip", "-o", "addr", "show"); strings.Contains(got, "192.0.2.1") {
+		t.Errorf("address added in %s is visible in %s:\n%s", a.Name, b.Name, got)
+	}
+	if got := a.Run(t, "ip", "link", "show", "lo"); !strings.Contains(got, "UP") {
+		t.Errorf("lo in %s is not up:\n%s", a.Name, got)
+	}
+}
+
+func TestDoOpensSocketsInsideTheNamespace(t *testing.T) {
+	a, b := New(t), New(t)
+	a.Run(t, "ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
+
+	var ln net.Listener
+	if err := a.Do(t, func() error {
+		var err error
+		ln, err = net.Listen("tcp", "192.0.2.1:0")
+		return err
+	}); err != nil {
+		t.Fatalf("listening in %s: %v", a.Name, err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	accepted := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			_ = c.Close()
+		}
+		accepted <- err
+	}()
+
+	if err := a.Do(t, func() error {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}); err != nil {
+		t.Fatalf("dialing %s from inside %s: %v", ln.Addr(), a.Name, err)
+	}
+	select {
+	case err := <-accepted:
+		if err != nil {
+			t.Fatalf("accepting in %s: %v", a.Name, err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("listener did not accept the connection")
+	}
+
+	// The address exists only in a: from b there is no route to it.
+	err := b.Do(t, func() error {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err == nil {
+			_ = c.Close()
+			return errors.New("connected")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Errorf("dialing %s from %s: %v, want failure", ln.Addr(), b.Name, err)
+	}
+}
+
+func TestVethConnectsTwoNamespaces(t *testing.T) {
+	a, b := New(t), New(t)
+	Veth(t, a, b, "va", "vb")
+	a.Run(t, "ip", "addr", "add", "192.0.2.10/24", "dev", "va")
+	b.Run(t, "ip", "addr", "add", "192.0.2.11/24", "dev", "vb")
+
+	var ln net.Listener
+	if err := a.Do(t, func() error {
+		var err error
+		ln, err = net.Listen("tcp", "192.0.2.10:0")
+		return err
+	}); err != nil {
+		t.Fatalf("listening in %s: %v", a.Name, err)
+	}
+	t.Cleanup(func() { _ = ln.Close() })
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			_ = c.Close()
+		}
+	}()
+
+	if err := b.Do(t, func() error {
+		c, err := net.DialTimeout("tcp", ln.Addr().String(), 5*time.Second)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}); err != nil {
+		t.Fatalf("dialing %s from %s over the veth pair: %v", ln.Addr(), b.Name, err)
+	}
+}
+
+func TestHandleIsBoundToTheNamespace(t *testing.T) {
+	ns := New(t)
+	ns.Run(t, "ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
+	h := ns.Handle(t)
+	lo, err := h.LinkByName("lo")
+	if err != nil {
+		t.Fatalf("LinkByName(lo) in %s: %v", ns.Name, err)
+	}
+	addrs, err := h.AddrList(lo, 0)
+	if err != nil {
+		t.Fatalf("AddrList(lo) in %s: %v", ns.Name, err)
+	}
+	for _, a := range addrs {
+		if a.IP.String() == "192.0.2.1" {
+			return
+		}
+	}
+	t.Errorf("handle for %s does not see 192.0.2.1 on lo: %v", ns.Name, addrs)
+}
+
+func TestNamespaceIsDeletedAtCleanup(t *testing.T) {
+	var name string
+	t.Run("create", func(t *testing.T) {
+		ns := New(t)
+		ns.Handle(t)
+		name = ns.Name
+		if got := listNamespaces(t); !strings.Contains(got, name) {
+			t.Fatalf("namespace %s missing from `ip netns list`:\n%s", name, got)
+		}
+	})
+	if name == "" {
+		t.Skip("subtest was skipped")
+	}
+	if got := listNamespaces(t); strings.Contains(got, name) {
+		t.Errorf("namespace %s still listed after cleanup:\n%s", name, got)
+	}
+}
+
+func listNamespaces(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "list").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip netns list: %v: %s", err, out)
+	}
+	return string(out)
+}
