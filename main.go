@@ -11,16 +11,24 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/signal"
 	"strings"
+	"syscall"
+	"time"
 
 	"github.com/spf13/pflag"
 	"k8s.io/klog/v2"
+	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
 const name = "apiserver-proxy-sidecar"
+
+// version is stamped at build time with -ldflags "-X main.version=...".
+var version = "dev"
 
 // Exit codes.
 const (
@@ -109,6 +117,59 @@ func usageError(stderr io.Writer, err error) int {
 	return exitUsage
 }
 
+// startSidecar runs the sidecar on this machine: in daemon mode until a
+// signal, then cleanup if asked; with --daemon=false one sync, or with
+// --cleanup only the cleanup (a teardown mode for preStop hooks and node
+// clean-up jobs).
 func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error {
-	return errors.New("applying the address and rules is not implemented yet; use --dry-run")
+	address, err := apply.NewAddressManager(cfg.Interface, cfg.Addrs)
+	if err != nil {
+		return err
+	}
+	defer address.Close()
+	var rules []*apply.Rules
+	stats := &apply.Stats{}
+	if cfg.SetupIPTables {
+		ex := utilexec.New()
+		for _, rs := range rulesets {
+			rules = append(rules, apply.NewRules(ex, apply.Backend(cfg.Backend), rs, stats))
+		}
+	}
+	sidecar := apply.NewSidecar(address, rules, stats)
+	klog.InfoS("Starting", "version", version, "addresses", cfg.Addrs, "port", cfg.Port, "interface", cfg.Interface,
+		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)
+
+	switch {
+	case !cfg.Daemon && cfg.Cleanup:
+		return cleanup(sidecar)
+	case !cfg.Daemon:
+		if err := sidecar.Sync(ctx); err != nil {
+			return err
+		}
+		klog.InfoS("Address and rules are in place")
+		return nil
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	sidecar.Run(ctx, cfg.SyncInterval)
+	klog.InfoS("Stopping")
+	if cfg.Cleanup {
+		return cleanup(sidecar)
+	}
+	klog.InfoS("Leaving address and rules in place (no --cleanup)")
+	return nil
+}
+
+// cleanupTimeout bounds the removal at exit, well inside a pod's default
+// termination grace period.
+const cleanupTimeout = 20 * time.Second
+
+func cleanup(sidecar *apply.Sidecar) error {
+	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
+	defer cancel()
+	if err := sidecar.Cleanup(ctx); err != nil {
+		return fmt.Errorf("cleanup: %w", err)
+	}
+	klog.InfoS("Removed our address and rules")
+	return nil
 }

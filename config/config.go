@@ -22,6 +22,7 @@ type Flags struct {
 	Interface     string
 	SyncInterval  time.Duration
 	SetupIPTables bool
+	Backend       string
 	Cleanup       bool
 	Daemon        bool
 	DryRun        bool
@@ -36,6 +37,7 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.Interface, "interface", "lo", "[optional] name of the interface to add address to.")
 	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
 	fs.BoolVar(&f.SetupIPTables, "setup-iptables", false, "[optional] indicates whether iptables rules should be setup.")
+	fs.StringVar(&f.Backend, "iptables-backend", "nft", "[optional] iptables backend the rules are written with: nft or legacy. It must be the backend the node's kube-proxy and kubelet use.")
 	fs.BoolVar(&f.Cleanup, "cleanup", false, "[optional] indicates whether created interface and iptables should be removed on exit.")
 	fs.BoolVar(&f.Daemon, "daemon", true, "[optional] indicates if the sidecar should run as a daemon")
 	fs.BoolVar(&f.DryRun, "dry-run", false, "[optional] validate the flags, print the iptables-restore input that would be loaded on a node where none of it exists yet, and exit without touching the machine.")
@@ -49,9 +51,11 @@ type Config struct {
 	Interface     string
 	SyncInterval  time.Duration
 	SetupIPTables bool
-	Cleanup       bool
-	Daemon        bool
-	DryRun        bool
+	// Backend is "nft" or "legacy".
+	Backend string
+	Cleanup bool
+	Daemon  bool
+	DryRun  bool
 }
 
 // FlagError reports a flag whose value was refused.
@@ -82,12 +86,16 @@ func (f Flags) Validate() (Config, error) {
 	if f.SyncInterval <= 0 {
 		return Config{}, flagError("sync-interval", f.SyncInterval.String(), errors.New("must be positive"))
 	}
+	if f.Backend != "nft" && f.Backend != "legacy" {
+		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "nft" or "legacy"`))
+	}
 	return Config{
 		Addrs:         addrs,
 		Port:          port,
 		Interface:     f.Interface,
 		SyncInterval:  f.SyncInterval,
 		SetupIPTables: f.SetupIPTables,
+		Backend:       f.Backend,
 		Cleanup:       f.Cleanup,
 		Daemon:        f.Daemon,
 		DryRun:        f.DryRun,

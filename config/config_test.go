@@ -11,7 +11,7 @@ import (
 )
 
 func valid() Flags {
-	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Daemon: true}
+	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Backend: "nft", Daemon: true}
 }
 
 func TestValidateAccepts(t *testing.T) {
@@ -91,6 +91,7 @@ func TestValidateRefuses(t *testing.T) {
 		{"interface with newline", "interface", "lo\n", func(f *Flags) { f.Interface = "lo\n" }},
 		{"interface dot", "interface", ".", func(f *Flags) { f.Interface = "." }},
 		{"zero sync interval", "sync-interval", "0s", func(f *Flags) { f.SyncInterval = 0 }},
+		{"unknown backend", "iptables-backend", "iptables", func(f *Flags) { f.Backend = "iptables" }},
 		{"negative sync interval", "sync-interval", "-1s", func(f *Flags) { f.SyncInterval = -time.Second }},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -26,7 +26,7 @@ func FuzzValidateRender(f *testing.F) {
 		f.Add(seed.addr, seed.port, seed.iface)
 	}
 	f.Fuzz(func(t *testing.T, addr, port, iface string) {
-		cfg, err := config.Flags{IPAddress: addr, Port: port, Interface: iface, SyncInterval: time.Minute}.Validate()
+		cfg, err := config.Flags{IPAddress: addr, Port: port, Interface: iface, SyncInterval: time.Minute, Backend: "nft"}.Validate()
 		if err != nil {
 			return
 		}

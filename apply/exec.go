@@ -1,0 +1,164 @@
+package apply
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	utilexec "k8s.io/utils/exec"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
+)
+
+// Backend is an iptables backend. The binaries of each backend are called
+// by their own names (iptables-nft-restore, ip6tables-legacy-save, ...),
+// never through the iptables alternative, whose meaning depends on the image.
+type Backend string
+
+// The iptables backends.
+const (
+	BackendNFT    Backend = "nft"
+	BackendLegacy Backend = "legacy"
+)
+
+// tool is one of the iptables programs.
+type tool string
+
+const (
+	toolIPTables tool = ""
+	toolRestore  tool = "-restore"
+	toolSave     tool = "-save"
+)
+
+// binary returns the name of t for family f in backend b, such as
+// "ip6tables-nft-restore". This is the one place binary names are made.
+func (b Backend) binary(f render.Family, t tool) string {
+	base := "iptables"
+	if f == render.IPv6 {
+		base = "ip6tables"
+	}
+	return base + "-" + string(b) + string(t)
+}
+
+// ToolError is a failed run of an iptables program. It carries the
+// program's own stderr.
+type ToolError struct {
+	// Command is the program and its arguments.
+	Command []string
+	// ExitCode is the program's exit status, or -1 when it did not exit on
+	// its own (not found, killed on timeout).
+	ExitCode int
+	Stderr   string
+	Err      error
+}
+
+func (e *ToolError) Error() string {
+	msg := strings.Join(e.Command, " ") + ": " + e.Err.Error()
+	if s := strings.TrimSpace(e.Stderr); s != "" {
+		msg += ": " + strings.Join(strings.Fields(s), " ")
+	}
+	return msg
+}
+
+func (e *ToolError) Unwrap() error { return e.Err }
+
+// IsLockHeld reports whether err is a write that gave up waiting for the
+// xtables lock another process holds.
+func IsLockHeld(err error) bool {
+	var te *ToolError
+	return errors.As(err, &te) && te.ExitCode == 4 && strings.Contains(te.Stderr, "xtables lock")
+}
+
+// isChainNotFound reports whether err is a listing of a chain that does not
+// exist. iptables-legacy says "No chain/target/match by that name";
+// iptables-nft 1.8.9 calls a missing chain "incompatible", later releases
+// say it "does not exist".
+func isChainNotFound(err error) bool {
+	var te *ToolError
+	if !errors.As(err, &te) || te.ExitCode != 1 {
+		return false
+	}
+	for _, s := range []string{"No chain/target/match by that name", "does not exist", "is incompatible"} {
+		if strings.Contains(te.Stderr, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// runner runs iptables programs, each bounded by a timeout so that a hung
+// program is killed rather than stalling the sync loop.
+type runner struct {
+	exec    utilexec.Interface
+	timeout time.Duration
+}
+
+// defaultTimeout bounds each iptables program. Writes wait at most
+// lockWait for the xtables lock, reads take milliseconds; anything slower
+// than this is hung.
+const defaultTimeout = 30 * time.Second
+
+// run runs name with args, stdin (may be nil) and hands every line of its
+// stdout to line as it arrives, so that a long listing is never held in
+// memory as a whole.
+func (r runner) run(ctx context.Context, stdin []byte, line func(string), name string, args ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, r.timeout)
+	defer cancel()
+	cmd := r.exec.CommandContext(ctx, name, args...)
+	if stdin != nil {
+		cmd.SetStdin(bytes.NewReader(stdin))
+	}
+	lw := &lineWriter{fn: line}
+	var stderr bytes.Buffer
+	cmd.SetStdout(lw)
+	cmd.SetStderr(&stderr)
+	err := cmd.Run()
+	lw.flush()
+	if err == nil {
+		return nil
+	}
+	te := &ToolError{Command: append([]string{name}, args...), ExitCode: -1, Stderr: stderr.String(), Err: err}
+	var ee utilexec.ExitError
+	if errors.As(err, &ee) && ee.Exited() {
+		te.ExitCode = ee.ExitStatus()
+	}
+	if ctx.Err() != nil {
+		te.Err = fmt.Errorf("%w (killed after %s)", err, r.timeout)
+	}
+	return te
+}
+
+// lineWriter calls fn for each complete line written to it.
+type lineWriter struct {
+	fn  func(string)
+	buf []byte
+}
+
+func (w *lineWriter) Write(p []byte) (int, error) {
+	n := len(p)
+	for {
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			break
+		}
+		if len(w.buf) > 0 {
+			w.fn(string(append(w.buf, p[:i]...)))
+			w.buf = w.buf[:0]
+		} else {
+			w.fn(string(p[:i]))
+		}
+		p = p[i+1:]
+	}
+	w.buf = append(w.buf, p...)
+	return n, nil
+}
+
+func (w *lineWriter) flush() {
+	if len(w.buf) > 0 {
+		w.fn(string(w.buf))
+		w.buf = w.buf[:0]
+	}
+}

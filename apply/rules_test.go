@@ -1,0 +1,375 @@
+package apply
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	utilexec "k8s.io/utils/exec"
+	testingexec "k8s.io/utils/exec/testing"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
+)
+
+// call is one expected run of an iptables program and what it answers.
+type call struct {
+	argv   string // program and arguments, space-separated
+	stdin  string // expected stdin; "" for none
+	stdout string
+	stderr string
+	exit   int
+}
+
+// fakeExec returns an exec fake that expects exactly calls, in order, and
+// checks each one's arguments and stdin.
+func fakeExec(t *testing.T, calls ...call) utilexec.Interface {
+	t.Helper()
+	fe := &testingexec.FakeExec{ExactOrder: true}
+	for i, c := range calls {
+		fe.CommandScript = append(fe.CommandScript, func(name string, args ...string) utilexec.Cmd {
+			got := strings.Join(append([]string{name}, args...), " ")
+			if got != c.argv {
+				t.Errorf("call %d: ran %q, want %q", i, got, c.argv)
+			}
+			fc := &testingexec.FakeCmd{Argv: append([]string{name}, args...)}
+			fc.RunScript = []testingexec.FakeAction{func() ([]byte, []byte, error) {
+				stdin := ""
+				if fc.Stdin != nil {
+					b, _ := io.ReadAll(fc.Stdin)
+					stdin = string(b)
+				}
+				if diff := cmp.Diff(c.stdin, stdin); diff != "" {
+					t.Errorf("call %d (%s): stdin (-want +got):\n%s", i, c.argv, diff)
+				}
+				var err error
+				if c.exit != 0 {
+					err = testingexec.FakeExitError{Status: c.exit}
+				}
+				return []byte(c.stdout), []byte(c.stderr), err
+			}}
+			return fc
+		})
+	}
+	t.Cleanup(func() {
+		if fe.CommandCalls != len(calls) {
+			t.Errorf("ran %d programs, want %d", fe.CommandCalls, len(calls))
+		}
+	})
+	return fe
+}
+
+func ruleset(t *testing.T, addr string) *render.Ruleset {
+	t.Helper()
+	rs, err := render.RenderFamily(netip.MustParseAddr(addr), 443)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return rs
+}
+
+// Listings as iptables-nft 1.8.9 prints them for the rendered 10.96.0.2:443.
+const (
+	notFound     = "iptables v1.8.9 (nf_tables): chain `X' in table `raw' is incompatible, use 'nft' tool.\n"
+	rawPre       = "-N APISERVER-PROXY-PREROUTING\n-A APISERVER-PROXY-PREROUTING -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j NOTRACK\n"
+	rawOut       = "-N APISERVER-PROXY-OUTPUT\n-A APISERVER-PROXY-OUTPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j NOTRACK\n-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j NOTRACK\n"
+	filterIn     = "-N APISERVER-PROXY-INPUT\n-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\n"
+	filterOut    = "-N APISERVER-PROXY-OUTPUT\n-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\n"
+	hookPre      = "-P PREROUTING ACCEPT\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n-A PREROUTING -s 192.0.2.9/32 -j CT --notrack\n"
+	hookRawOut   = "-P OUTPUT ACCEPT\n-A OUTPUT -j APISERVER-PROXY-OUTPUT\n"
+	hookIn       = "-P INPUT DROP\n-A INPUT -j APISERVER-PROXY-INPUT\n-A INPUT -j KUBE-FIREWALL\n-A INPUT -m state --state RELATED,ESTABLISHED -j ACCEPT\n"
+	hookOut      = "-P OUTPUT ACCEPT\n-A OUTPUT -j KUBE-FIREWALL\n-A OUTPUT -j APISERVER-PROXY-OUTPUT\n"
+	restoreNFT   = "iptables-nft-restore --noflush --wait=5"
+	restoreNFTv6 = "ip6tables-nft-restore --noflush --wait=5"
+)
+
+// nftListing returns the eight reads of one nft sync, answering each chain
+// with the given listing ("" = the chain does not exist).
+func nftListing(bin, pre, out, hPre, hOut, in, fOut, hIn, hFOut string) []call {
+	chain := func(table, chain, listing string) call {
+		c := call{argv: bin + " -t " + table + " -S " + chain, stdout: listing}
+		if listing == "" {
+			c.exit, c.stderr = 1, notFound
+		}
+		return c
+	}
+	return []call{
+		chain("raw", "APISERVER-PROXY-PREROUTING", pre),
+		chain("raw", "APISERVER-PROXY-OUTPUT", out),
+		{argv: bin + " -t raw -S PREROUTING", stdout: hPre},
+		{argv: bin + " -t raw -S OUTPUT", stdout: hOut},
+		chain("filter", "APISERVER-PROXY-INPUT", in),
+		chain("filter", "APISERVER-PROXY-OUTPUT", fOut),
+		{argv: bin + " -t filter -S INPUT", stdout: hIn},
+		{argv: bin + " -t filter -S OUTPUT", stdout: hFOut},
+	}
+}
+
+func converged() []call {
+	return nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut, hookIn, hookOut)
+}
+
+func TestRulesSyncNFT(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	for _, tc := range []struct {
+		name   string
+		calls  []call
+		drifts []string
+	}{
+		{
+			name: "fresh node loads exactly the rendered payload",
+			calls: append(nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"),
+				call{argv: restoreNFT, stdin: string(rs.Payload())}),
+			drifts: []string{
+				"raw chain APISERVER-PROXY-PREROUTING: missing",
+				"raw chain APISERVER-PROXY-OUTPUT: missing",
+				"raw jump APISERVER-PROXY-PREROUTING: missing from PREROUTING",
+				"raw jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+				"filter chain APISERVER-PROXY-INPUT: missing",
+				"filter chain APISERVER-PROXY-OUTPUT: missing",
+				"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
+				"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+			},
+		},
+		{
+			name:  "converged node writes nothing",
+			calls: converged(),
+		},
+		{
+			name: "flushed chain is rewritten alone",
+			calls: append(nftListing("iptables-nft", rawPre, "-N APISERVER-PROXY-OUTPUT\n", hookPre, hookRawOut, filterIn, filterOut, hookIn, hookOut),
+				call{argv: restoreNFT, stdin: "*raw\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
+					"-A APISERVER-PROXY-OUTPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j NOTRACK\n" +
+					"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j NOTRACK\nCOMMIT\n"}),
+			drifts: []string{"raw chain APISERVER-PROXY-OUTPUT: rules differ (0 listed, 2 rendered)"},
+		},
+		{
+			name: "altered and extra rules are replaced",
+			calls: append(nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut,
+				"-N APISERVER-PROXY-INPUT\n-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 444 -j ACCEPT\n",
+				filterOut+"-A APISERVER-PROXY-OUTPUT -j DROP\n", hookIn, hookOut),
+				call{argv: restoreNFT, stdin: "*filter\n:APISERVER-PROXY-INPUT - [0:0]\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
+					"-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\n" +
+					"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\nCOMMIT\n"}),
+			drifts: []string{
+				"filter chain APISERVER-PROXY-INPUT: rules differ (1 listed, 1 rendered)",
+				"filter chain APISERVER-PROXY-OUTPUT: rules differ (2 listed, 1 rendered)",
+			},
+		},
+		{
+			name: "deleted jump is inserted at the top",
+			calls: append(nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut,
+				"-P INPUT DROP\n-A INPUT -j KUBE-FIREWALL\n", hookOut),
+				call{argv: restoreNFT, stdin: "*filter\n-I INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n"}),
+			drifts: []string{"filter jump APISERVER-PROXY-INPUT: missing from INPUT"},
+		},
+		{
+			name: "duplicated jump is deleted everywhere and inserted once",
+			calls: append(nftListing("iptables-nft", rawPre, rawOut, "-P PREROUTING ACCEPT\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n-A PREROUTING -j KUBE-X\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n",
+				hookRawOut, filterIn, filterOut, hookIn, hookOut),
+				call{argv: restoreNFT, stdin: "*raw\n-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-I PREROUTING -j APISERVER-PROXY-PREROUTING\nCOMMIT\n"}),
+			drifts: []string{"raw jump APISERVER-PROXY-PREROUTING: 3 copies in PREROUTING"},
+		},
+		{
+			name: "altered jump is replaced, foreign rules in the hook are not read as ours",
+			calls: append(nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut,
+				"-P INPUT DROP\n-A INPUT -i eth0 -j APISERVER-PROXY-INPUT\n-A INPUT -j APISERVER-PROXY-INPUTX\n-A INPUT -m comment --comment \"-j APISERVER-PROXY-INPUT\" -j ACCEPT\n", hookOut),
+				call{argv: restoreNFT, stdin: "*filter\n-D INPUT -i eth0 -j APISERVER-PROXY-INPUT\n-I INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n"}),
+			drifts: []string{
+				`filter jump APISERVER-PROXY-INPUT: unexpected rule "-A INPUT -i eth0 -j APISERVER-PROXY-INPUT"`,
+				"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
+			},
+		},
+		{
+			name: "jump below a foreign rule is left where it is",
+			calls: nftListing("iptables-nft", rawPre, rawOut, "-P PREROUTING ACCEPT\n-A PREROUTING -j CILIUM-PRE-raw\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n",
+				hookRawOut, filterIn, filterOut, hookIn, hookOut),
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stats := &Stats{}
+			r := NewRules(fakeExec(t, tc.calls...), BackendNFT, rs, stats)
+			drifts, err := r.Sync(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.drifts, driftStrings(drifts)); diff != "" {
+				t.Errorf("drifts (-want +got):\n%s", diff)
+			}
+			wantRestores := int64(0)
+			if strings.Contains(tc.calls[len(tc.calls)-1].argv, "restore") {
+				wantRestores = 1
+			}
+			if got := stats.Restores.Load(); got != wantRestores {
+				t.Errorf("%d restores counted, want %d", got, wantRestores)
+			}
+		})
+	}
+}
+
+func driftStrings(ds []Drift) []string {
+	var out []string
+	for _, d := range ds {
+		out = append(out, d.String())
+	}
+	return out
+}
+
+func TestRulesSyncIPv6UsesIP6Tables(t *testing.T) {
+	rs := ruleset(t, "fd00::2")
+	calls := append(nftListing("ip6tables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"),
+		call{argv: restoreNFTv6, stdin: string(rs.Payload())})
+	if _, err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Sync(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestRulesSyncFailures(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	fresh := func() []call {
+		return nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n")
+	}
+	for _, tc := range []struct {
+		name       string
+		calls      []call
+		wantErr    string
+		lockHeld   bool
+		failures   int64
+		restoreRun bool
+	}{
+		{
+			name: "restore failure carries iptables' stderr",
+			calls: append(fresh(), call{argv: restoreNFT, stdin: string(rs.Payload()), exit: 2,
+				stderr: "iptables-restore v1.8.9 (nf_tables): unknown option \"--dport\"\nError occurred at line: 4\n"}),
+			wantErr:  `iptables-nft-restore --noflush --wait=5: exit 2: iptables-restore v1.8.9 (nf_tables): unknown option "--dport" Error occurred at line: 4`,
+			failures: 1,
+		},
+		{
+			name: "held lock is reported as such",
+			calls: append(fresh(), call{argv: restoreNFT, stdin: string(rs.Payload()), exit: 4,
+				stderr: "Another app is currently holding the xtables lock. Stopped waiting after 5s.\n"}),
+			wantErr:  "Another app is currently holding the xtables lock",
+			lockHeld: true,
+			failures: 1,
+		},
+		{
+			name: "failed read writes nothing",
+			calls: []call{{argv: "iptables-nft -t raw -S APISERVER-PROXY-PREROUTING", exit: 4,
+				stderr: "iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)\n"}},
+			wantErr: "Permission denied",
+		},
+		{
+			name: "failed read of a built-in chain writes nothing",
+			calls: []call{
+				{argv: "iptables-nft -t raw -S APISERVER-PROXY-PREROUTING", stdout: rawPre},
+				{argv: "iptables-nft -t raw -S APISERVER-PROXY-OUTPUT", stdout: rawOut},
+				{argv: "iptables-nft -t raw -S PREROUTING", exit: 1, stderr: "iptables: No chain/target/match by that name.\n"},
+			},
+			wantErr: "No chain/target/match by that name",
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			stats := &Stats{}
+			_, err := NewRules(fakeExec(t, tc.calls...), BackendNFT, rs, stats).Sync(context.Background())
+			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
+			}
+			var te *ToolError
+			if !errors.As(err, &te) {
+				t.Errorf("error %T is not a *ToolError", err)
+			}
+			if IsLockHeld(err) != tc.lockHeld {
+				t.Errorf("IsLockHeld = %v, want %v", IsLockHeld(err), tc.lockHeld)
+			}
+			if got := stats.RestoreFailures.Load(); got != tc.failures {
+				t.Errorf("%d restore failures counted, want %d", got, tc.failures)
+			}
+			if tc.lockHeld && stats.LockHeld.Load() != 1 {
+				t.Errorf("lock wait not counted")
+			}
+		})
+	}
+}
+
+// Legacy: one iptables-legacy-save per table, whose output holds everyone's
+// rules; only ours are kept.
+const (
+	legacyRawSave = "# Generated by iptables-save v1.8.9 on Wed Nov 25 20:00:00 2026\n*raw\n" +
+		":PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:APISERVER-PROXY-OUTPUT - [0:0]\n:APISERVER-PROXY-PREROUTING - [0:0]\n:CILIUM-RAW - [0:0]\n" +
+		"-A PREROUTING -j APISERVER-PROXY-PREROUTING\n-A PREROUTING -j CILIUM-RAW\n-A OUTPUT -j APISERVER-PROXY-OUTPUT\n" +
+		"-A APISERVER-PROXY-OUTPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j NOTRACK\n" +
+		"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j NOTRACK\n" +
+		"-A APISERVER-PROXY-PREROUTING -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j NOTRACK\n" +
+		"-A CILIUM-RAW -j APISERVER-PROXY-OUTPUT\nCOMMIT\n# Completed on Wed Nov 25 20:00:00 2026\n"
+	legacyFilterSave = "*filter\n:INPUT DROP [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:APISERVER-PROXY-INPUT - [0:0]\n:KUBE-FIREWALL - [0:0]\n" +
+		"-A INPUT -j KUBE-FIREWALL\n-A INPUT -j APISERVER-PROXY-INPUT\n-A KUBE-FIREWALL -d 10.96.0.2/32 -j APISERVER-PROXY-INPUT\n" +
+		"-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\nCOMMIT\n"
+)
+
+func TestRulesSyncLegacy(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	t.Run("converged raw, missing filter chain and jump: one save per table, one restore", func(t *testing.T) {
+		calls := []call{
+			{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
+			{argv: "iptables-legacy-save -t filter", stdout: legacyFilterSave},
+			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: "*filter\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
+				"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\n-I OUTPUT -j APISERVER-PROXY-OUTPUT\nCOMMIT\n"},
+		}
+		drifts, err := NewRules(fakeExec(t, calls...), BackendLegacy, rs, &Stats{}).Sync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := []string{"filter chain APISERVER-PROXY-OUTPUT: missing", "filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT"}
+		if diff := cmp.Diff(want, driftStrings(drifts)); diff != "" {
+			t.Errorf("drifts (-want +got):\n%s", diff)
+		}
+	})
+	t.Run("fresh node", func(t *testing.T) {
+		calls := []call{
+			{argv: "iptables-legacy-save -t raw", stdout: "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"},
+			{argv: "iptables-legacy-save -t filter", stdout: ""},
+			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: string(rs.Payload())},
+		}
+		if _, err := NewRules(fakeExec(t, calls...), BackendLegacy, rs, &Stats{}).Sync(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestRulesCleanup(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	t.Run("removes our chains and every jump to them, nothing else", func(t *testing.T) {
+		calls := append(nftListing("iptables-nft", rawPre, rawOut,
+			"-P PREROUTING ACCEPT\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n-A PREROUTING -j KUBE-X\n-A PREROUTING -j APISERVER-PROXY-PREROUTING\n",
+			hookRawOut, filterIn, "", hookIn, "-P OUTPUT ACCEPT\n"),
+			call{argv: restoreNFT, stdin: "*raw\n:APISERVER-PROXY-PREROUTING - [0:0]\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
+				"-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D OUTPUT -j APISERVER-PROXY-OUTPUT\n" +
+				"-X APISERVER-PROXY-PREROUTING\n-X APISERVER-PROXY-OUTPUT\nCOMMIT\n" +
+				"*filter\n:APISERVER-PROXY-INPUT - [0:0]\n-D INPUT -j APISERVER-PROXY-INPUT\n-X APISERVER-PROXY-INPUT\nCOMMIT\n"})
+		if err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Cleanup(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	})
+	t.Run("nothing of ours: no write", func(t *testing.T) {
+		calls := nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n-A INPUT -j KUBE-FIREWALL\n", "-P OUTPUT ACCEPT\n")
+		if err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Cleanup(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestLineWriterSplitsAcrossWrites(t *testing.T) {
+	var got []string
+	w := &lineWriter{fn: func(s string) { got = append(got, s) }}
+	for _, chunk := range []string{"-A IN", "PUT -j X\n-A OUT", "PUT\n\n", "tail"} {
+		w.Write([]byte(chunk))
+	}
+	w.flush()
+	want := []string{"-A INPUT -j X", "-A OUTPUT", "", "tail"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lines (-want +got):\n%s", diff)
+	}
+}
