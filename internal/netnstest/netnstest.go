@@ -20,6 +20,7 @@ import (
 	"os/exec"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
@@ -204,6 +205,52 @@ func (n *NS) RequireLinkKind(t testing.TB, kind string) {
 			fmt.Sprintf("skipping: kernel cannot create %s links: %v", kind, err))
 	}
 	n.Run(t, "ip", "link", "del", probe)
+}
+
+// linkKinds caches SupportsLinkKind's answers by kind: whether the kernel
+// can create a kind of link does not depend on the namespace.
+var linkKinds struct {
+	mu        sync.Mutex
+	supported map[string]bool
+}
+
+// SupportsLinkKind reports whether the kernel can create links of kind (for
+// example "dummy"). The first call for a kind probes by adding and deleting a
+// link inside the namespace; later calls return the cached answer. Unlike
+// RequireLinkKind it neither skips nor fails the test when the kind is
+// missing, so that a test can fall back to another kind. Any other failure
+// of the probe fails the test.
+func (n *NS) SupportsLinkKind(t testing.TB, kind string) bool {
+	t.Helper()
+	linkKinds.mu.Lock()
+	defer linkKinds.mu.Unlock()
+	if ok, probed := linkKinds.supported[kind]; probed {
+		return ok
+	}
+	const probe = "apsc-probe"
+	ok := true
+	if _, err := n.RunErr("ip", "link", "add", probe, "type", kind); err != nil {
+		if !isUnsupportedLinkKind(err) {
+			t.Fatalf("probing for %s links: %v", kind, err)
+		}
+		t.Logf("kernel cannot create %s links: %v", kind, err)
+		ok = false
+	} else {
+		n.Run(t, "ip", "link", "del", probe)
+	}
+	if linkKinds.supported == nil {
+		linkKinds.supported = make(map[string]bool)
+	}
+	linkKinds.supported[kind] = ok
+	return ok
+}
+
+// isUnsupportedLinkKind reports whether err, from `ip link add NAME type
+// KIND`, says that the kernel lacks KIND: iproute2 prints the kernel's
+// "Unknown device type" or, from older kernels, "Operation not supported".
+func isUnsupportedLinkKind(err error) bool {
+	msg := err.Error()
+	return strings.Contains(msg, "Unknown device type") || strings.Contains(msg, "Operation not supported")
 }
 
 // Veth creates a veth pair with aName in namespace a and bName in namespace
