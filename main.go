@@ -38,16 +38,26 @@ const (
 )
 
 func main() {
-	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr, startSidecar))
+	os.Exit(run(context.Background(), os.Args[1:], os.Stdout, os.Stderr, machine{
+		sidecar: startSidecar,
+		detect: func(ctx context.Context, f render.Family) (apply.Detection, error) {
+			return apply.DetectBackend(ctx, utilexec.New(), f)
+		},
+	}))
 }
 
-// sidecarFunc runs the sidecar with a validated configuration until ctx is
-// done (daemon) or after one sync (--daemon=false).
-type sidecarFunc func(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error
+// machine is what run reaches the machine through; tests replace it.
+type machine struct {
+	// sidecar runs the sidecar with a validated configuration until ctx is
+	// done (daemon) or after one sync (--daemon=false).
+	sidecar func(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error
+	// detect finds the iptables backend the host uses; it only reads.
+	detect func(ctx context.Context, f render.Family) (apply.Detection, error)
+}
 
 // run parses and validates args, then either prints the ruleset
-// (--dry-run) or hands over to sidecar. It returns the exit code.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer, sidecar sidecarFunc) int {
+// (--dry-run) or hands over to the sidecar. It returns the exit code.
+func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine) int {
 	var flags config.Flags
 	fs := newFlagSet(&flags)
 	if err := fs.Parse(args); err != nil {
@@ -74,18 +84,46 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, sidecar s
 		return exitFailure
 	}
 	if cfg.DryRun {
-		if _, err := stdout.Write(render.Format(rulesets)); err != nil {
+		out := append(backendComment(ctx, cfg, rulesets, m.detect), render.Format(rulesets)...)
+		if _, err := stdout.Write(out); err != nil {
 			fmt.Fprintf(stderr, "%s: %v\n", name, err)
 			return exitFailure
 		}
 		return exitOK
 	}
 	defer klog.Flush()
-	if err := sidecar(ctx, cfg, rulesets); err != nil {
+	if err := m.sidecar(ctx, cfg, rulesets); err != nil {
 		klog.ErrorS(err, "Sidecar failed")
 		return exitFailure
 	}
 	return exitOK
+}
+
+// dryRunDetectTimeout bounds the backend probe of --dry-run.
+const dryRunDetectTimeout = 5 * time.Second
+
+// backendComment says, as comment lines for the top of --dry-run's output,
+// which iptables backend each family would use, and why. With
+// --iptables-backend=auto it probes (reads only); where that is not
+// possible, without root for one, it says so instead.
+func backendComment(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset, detect func(context.Context, render.Family) (apply.Detection, error)) []byte {
+	var b strings.Builder
+	for _, rs := range rulesets {
+		if cfg.Backend != string(apply.BackendAuto) {
+			fmt.Fprintf(&b, "# %s iptables backend: %s (set with --iptables-backend)\n", rs.Family, cfg.Backend)
+			continue
+		}
+		dctx, cancel := context.WithTimeout(ctx, dryRunDetectTimeout)
+		d, err := detect(dctx, rs.Family)
+		cancel()
+		if err != nil {
+			msg := strings.Join(strings.Fields(err.Error()), " ")
+			fmt.Fprintf(&b, "# %s iptables backend: detected at start; cannot tell now: %s\n", rs.Family, msg)
+			continue
+		}
+		fmt.Fprintf(&b, "# %s iptables backend: %s (detected: %s)\n", rs.Family, d.Backend, d.Evidence)
+	}
+	return []byte(b.String())
 }
 
 // newFlagSet returns the command line: the sidecar's flags and klog's,

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -10,23 +11,32 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
-// mustNotStart fails the test if the command got as far as touching the
-// machine.
-func mustNotStart(t *testing.T) sidecarFunc {
-	return func(context.Context, config.Config, []*render.Ruleset) error {
-		t.Error("the sidecar was started; bad input and --dry-run must change nothing")
-		return nil
+// noMachine fails the test if the command got as far as starting the
+// sidecar; its backend probe answers with a fixed detection.
+func noMachine(t *testing.T) machine {
+	return machine{
+		sidecar: func(context.Context, config.Config, []*render.Ruleset) error {
+			t.Error("the sidecar was started; bad input and --dry-run must change nothing")
+			return nil
+		},
+		detect: func(_ context.Context, f render.Family) (apply.Detection, error) {
+			if f == render.IPv6 {
+				return apply.Detection{}, errors.New("iptables v1.8.9 (nf_tables): Could not fetch rule set generation id:\nPermission denied (you must be root)")
+			}
+			return apply.Detection{Backend: apply.BackendLegacy, Evidence: "chain KUBE-IPTABLES-HINT in mangle, seen with iptables-legacy-save"}, nil
+		},
 	}
 }
 
 func runCmd(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	var out, errOut bytes.Buffer
-	code = run(context.Background(), args, &out, &errOut, mustNotStart(t))
+	code = run(context.Background(), args, &out, &errOut, noMachine(t))
 	return code, out.String(), errOut.String()
 }
 
@@ -116,17 +126,24 @@ func TestHelpListsSeedFlags(t *testing.T) {
 }
 
 // TestDryRunPrintsGolden proves that --dry-run prints exactly the golden
-// rulesets, whether or not --setup-iptables is given.
+// rulesets, whether or not --setup-iptables is given, after one comment line
+// per family naming the backend.
 func TestDryRunPrintsGolden(t *testing.T) {
+	const (
+		forcedNFT = "# IPv4 iptables backend: nft (set with --iptables-backend)\n"
+		detected  = "# IPv4 iptables backend: legacy (detected: chain KUBE-IPTABLES-HINT in mangle, seen with iptables-legacy-save)\n"
+		unknown6  = "# IPv6 iptables backend: detected at start; cannot tell now: iptables v1.8.9 (nf_tables): Could not fetch rule set generation id: Permission denied (you must be root)\n"
+	)
 	for _, tc := range []struct {
-		golden string
-		args   []string
+		golden  string
+		args    []string
+		comment string
 	}{
-		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2"}},
-		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2", "--setup-iptables"}},
-		{"ipv4-port-8443.rules", []string{"--ip-address", "10.96.0.2", "--port", "8443"}},
-		{"ipv6.rules", []string{"--ip-address", "fd00::2"}},
-		{"dual-stack.rules", []string{"--ip-address", "fd00::2,10.96.0.2"}},
+		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2"}, detected},
+		{"ipv4-default.rules", []string{"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft"}, forcedNFT},
+		{"ipv4-port-8443.rules", []string{"--ip-address", "10.96.0.2", "--port", "8443"}, detected},
+		{"ipv6.rules", []string{"--ip-address", "fd00::2"}, unknown6},
+		{"dual-stack.rules", []string{"--ip-address", "fd00::2,10.96.0.2"}, detected + unknown6},
 	} {
 		want, err := os.ReadFile(filepath.Join("golden", tc.golden))
 		if err != nil {
@@ -136,7 +153,7 @@ func TestDryRunPrintsGolden(t *testing.T) {
 		if code != exitOK || stderr != "" {
 			t.Errorf("%q: exit code %d, stderr %q", tc.args, code, stderr)
 		}
-		if diff := cmp.Diff(string(want), stdout); diff != "" {
+		if diff := cmp.Diff(tc.comment+string(want), stdout); diff != "" {
 			t.Errorf("%q (-want +got):\n%s", tc.args, diff)
 		}
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -86,13 +87,26 @@ func TestTrafficNeedsTheRules(t *testing.T) {
 		for _, fam := range trafficFamilies {
 			t.Run(backend+"/"+fam.name, func(t *testing.T) {
 				t.Parallel()
-				testTraffic(t, bin, backend, fam)
+				testTraffic(t, bin, backend, backend, fam)
 			})
 		}
 	}
+	// A legacy node, as kube-proxy and kubelet leave it, with the backend
+	// left to detection: only rules written through legacy let traffic in,
+	// since the node's DROP policy and its rules live there.
+	for _, fam := range trafficFamilies {
+		t.Run("auto-on-legacy/"+fam.name, func(t *testing.T) {
+			t.Parallel()
+			testTraffic(t, bin, "legacy", "auto", fam)
+		})
+	}
 }
 
-func testTraffic(t *testing.T, bin, backend string, fam trafficFamily) {
+// testTraffic runs the traffic proof on a node whose own firewall is written
+// with backend, the sidecar running with --iptables-backend=flag. With
+// "auto", the node also gets kube-proxy-style rules and kubelet's hint chain
+// in mangle, and the sidecar must say it chose backend because of the hint.
+func testTraffic(t *testing.T, bin, backend, flag string, fam trafficFamily) {
 	node, client := netnstest.New(t), netnstest.New(t)
 	netnstest.Veth(t, node, client, "veth-node", "veth-client")
 	addVethAddr(t, node, "veth-node", fam.node)
@@ -114,10 +128,23 @@ func testTraffic(t *testing.T, bin, backend string, fam trafficFamily) {
 		node.Run(t, ipt, "-A", "INPUT", "-p", "ipv6-icmp", "-j", "ACCEPT")
 	}
 	node.Run(t, ipt, "-A", "INPUT", "-p", "tcp", "--dport", strconv.Itoa(controlPort), "-j", "ACCEPT")
+	if flag == "auto" {
+		node.Run(t, ipt, "-t", "mangle", "-N", "KUBE-IPTABLES-HINT")
+		node.Run(t, ipt, "-t", "nat", "-N", "KUBE-SERVICES")
+		node.Run(t, ipt, "-t", "nat", "-A", "PREROUTING", "-j", "KUBE-SERVICES")
+		node.Run(t, ipt, "-t", "nat", "-A", "OUTPUT", "-j", "KUBE-SERVICES")
+		node.Run(t, ipt, "-N", "KUBE-FIREWALL")
+		node.Run(t, ipt, "-I", "INPUT", "-j", "KUBE-FIREWALL")
+	}
 
-	sidecar := func(args ...string) {
+	sidecar := func(args ...string) string {
 		t.Helper()
-		node.Run(t, bin, append([]string{"--ip-address", fam.proxy.String(), "--daemon=false", "--iptables-backend", backend}, args...)...)
+		cmd := node.Command(bin, append([]string{"--ip-address", fam.proxy.String(), "--daemon=false", "--iptables-backend", flag}, args...)...)
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", cmd, err, out)
+		}
+		return string(out)
 	}
 	proxy := netip.AddrPortFrom(fam.proxy, proxyPort)
 	control := netip.AddrPortFrom(fam.node.Addr(), controlPort)
@@ -134,7 +161,13 @@ func testTraffic(t *testing.T, bin, backend string, fam trafficFamily) {
 	// shows the second half: without either NOTRACK rule the client still
 	// gets through (the ACCEPT takes the SYN, or the reply is picked up
 	// mid-stream), but an entry is listed.
-	sidecar("--setup-iptables")
+	log := sidecar("--setup-iptables")
+	if flag == "auto" {
+		want := fmt.Sprintf(`"Chose iptables backend" family="%s" backend="%s" evidence="chain KUBE-IPTABLES-HINT in mangle, seen with %s-%s-save"`, fam.name, backend, fam.iptables, backend)
+		if !strings.Contains(log, want) {
+			t.Errorf("the sidecar's log does not name the choice and its evidence, %s; it says:\n%s", want, log)
+		}
+	}
 	mustEcho(t, client, proxy, "through the rules")
 	controlConn := mustEcho(t, client, control, "control beside the rules")
 	entries := conntrackEntries(t, node, fam.conntrack)

@@ -13,7 +13,7 @@ import (
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
-// Backend is an iptables backend. The binaries of each backend are called
+// Backend is an iptables backend, or BackendAuto. The binaries of each backend are called
 // by their own names (iptables-nft-restore, ip6tables-legacy-save, ...),
 // never through the iptables alternative, whose meaning depends on the image.
 type Backend string
@@ -22,7 +22,38 @@ type Backend string
 const (
 	BackendNFT    Backend = "nft"
 	BackendLegacy Backend = "legacy"
+	// BackendAuto detects the backend the host uses (see Detect).
+	BackendAuto Backend = "auto"
 )
+
+// other returns the backend b is not.
+func (b Backend) other() Backend {
+	if b == BackendNFT {
+		return BackendLegacy
+	}
+	return BackendNFT
+}
+
+// tools returns the programs the sidecar runs with backend b: per-chain
+// listings and restore with nft, save and restore with legacy.
+func (b Backend) tools() []tool {
+	if b == BackendLegacy {
+		return []tool{toolSave, toolRestore}
+	}
+	return []tool{toolIPTables, toolRestore}
+}
+
+// lookPath returns an error naming the first program of backend b for
+// family f that is not in PATH.
+func (r runner) lookPath(b Backend, f render.Family) error {
+	for _, t := range b.tools() {
+		name := b.binary(f, t)
+		if _, err := r.exec.LookPath(name); err != nil {
+			return fmt.Errorf("iptables backend %s needs %s, which is not in PATH: %w", b, name, err)
+		}
+	}
+	return nil
+}
 
 // tool is one of the iptables programs.
 type tool string
@@ -94,6 +125,8 @@ func isChainNotFound(err error) bool {
 type runner struct {
 	exec    utilexec.Interface
 	timeout time.Duration
+	// readFile reads /proc files; nil means os.ReadFile.
+	readFile func(name string) ([]byte, error)
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most

@@ -2,6 +2,7 @@ package apply
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strconv"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
@@ -28,11 +30,15 @@ import (
 // Rules is not safe for concurrent use; the sidecar syncs from one
 // goroutine.
 type Rules struct {
-	run      runner
-	backend  Backend
-	ruleset  *render.Ruleset
-	lockWait time.Duration
-	stats    *Stats
+	run     runner
+	want    Backend // as configured: nft, legacy or auto
+	backend Backend // in use; "" until chosen by the first sync
+	// otherClean is set once the backend not in use is known to hold
+	// nothing of ours.
+	otherClean bool
+	ruleset    *render.Ruleset
+	lockWait   time.Duration
+	stats      *Stats
 }
 
 // defaultLockWait is how long a write waits for the xtables lock (legacy
@@ -40,12 +46,13 @@ type Rules struct {
 // next sync.
 const defaultLockWait = 5 * time.Second
 
-// NewRules returns Rules that keep rs in place with the given backend's
-// programs, run through ex. Counters are added to stats.
+// NewRules returns Rules that keep rs in place with the programs of
+// backend (BackendAuto: detected by the first sync), run through ex.
+// Counters are added to stats.
 func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, stats *Stats) *Rules {
 	return &Rules{
 		run:      runner{exec: ex, timeout: defaultTimeout},
-		backend:  backend,
+		want:     backend,
 		ruleset:  rs,
 		lockWait: defaultLockWait,
 		stats:    stats,
@@ -54,6 +61,9 @@ func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, stats 
 
 // Family is the address family these rules are for.
 func (r *Rules) Family() render.Family { return r.ruleset.Family }
+
+// Backend is the backend in use, or "" before the first sync chose it.
+func (r *Rules) Backend() Backend { return r.backend }
 
 // Stats counts what the iptables side of the sidecar did. The zero value
 // is ready; all fields are safe for concurrent use.
@@ -81,42 +91,140 @@ func (d Drift) String() string {
 // rendered ruleset and, if anything differs, rewrites what differs in one
 // iptables-restore. It returns what differed. When nothing differs it runs
 // nothing but the reads.
+//
+// The first sync chooses the backend (detecting it with BackendAuto) and
+// checks that its programs exist; after its write it removes anything of
+// ours from the other backend, so that a node never carries both. With
+// BackendAuto, a sync that finds none of our chains in the backend in use
+// while the other backend holds some detects the backend again.
 func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
-	var payload []string
-	var drifts []Drift
-	for _, t := range r.ruleset.Tables {
-		st, err := r.read(ctx, t)
-		if err != nil {
+	first := r.backend == ""
+	if first {
+		if err := r.choose(ctx); err != nil {
 			return nil, err
 		}
-		lines, d := repair(t, st)
+	}
+	states, err := r.readAll(ctx, r.backend)
+	if err != nil {
+		return nil, err
+	}
+	if !first && r.want == BackendAuto && noneOfOurs(states) {
+		// Whoever put our chains into the other backend (a previous run,
+		// an operator) may know that the host changed backends.
+		moved, err := r.oursIn(ctx, r.backend.other())
+		if err == nil && moved {
+			klog.InfoS("Our chains are gone from the iptables backend in use but present in the other; detecting the backend again",
+				"family", r.ruleset.Family, "inUse", r.backend, "other", r.backend.other())
+			if err := r.choose(ctx); err != nil {
+				return nil, err
+			}
+			if states, err = r.readAll(ctx, r.backend); err != nil {
+				return nil, err
+			}
+		}
+	}
+
+	var payload []string
+	var drifts []Drift
+	for i, t := range r.ruleset.Tables {
+		lines, d := repair(t, states[i])
 		payload = append(payload, lines...)
 		drifts = append(drifts, d...)
 	}
-	if len(payload) == 0 {
-		return nil, nil
+	if len(payload) > 0 {
+		if err := r.restore(ctx, r.backend, payload); err != nil {
+			return drifts, err
+		}
 	}
-	if err := r.restore(ctx, payload); err != nil {
-		return drifts, err
+	if !r.otherClean {
+		if err := r.cleanupIn(ctx, r.backend.other()); err != nil {
+			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", r.backend.other(), err)
+		}
+		r.otherClean = true
 	}
 	return drifts, nil
 }
 
-// Cleanup removes our jumps and chains, and nothing else. It runs nothing
-// but the reads when none of them exists.
-func (r *Rules) Cleanup(ctx context.Context) error {
-	var payload []string
-	for _, t := range r.ruleset.Tables {
-		st, err := r.read(ctx, t)
+// choose settles the backend: the configured one, or the detected one.
+func (r *Rules) choose(ctx context.Context) error {
+	b := r.want
+	if b == BackendAuto {
+		d, err := r.run.Detect(ctx, r.ruleset.Family)
 		if err != nil {
-			return err
+			return fmt.Errorf("detecting the iptables backend: %w", err)
 		}
-		payload = append(payload, teardown(t, st)...)
+		klog.InfoS("Chose iptables backend", "family", r.ruleset.Family, "backend", d.Backend, "evidence", d.Evidence)
+		b = d.Backend
+	}
+	if err := r.run.lookPath(b, r.ruleset.Family); err != nil {
+		return err
+	}
+	r.backend, r.otherClean = b, false
+	return nil
+}
+
+// readAll reads each table of the ruleset from backend b.
+func (r *Rules) readAll(ctx context.Context, b Backend) ([]tableState, error) {
+	states := make([]tableState, len(r.ruleset.Tables))
+	for i, t := range r.ruleset.Tables {
+		st, err := r.read(ctx, b, t)
+		if err != nil {
+			return nil, err
+		}
+		states[i] = st
+	}
+	return states, nil
+}
+
+func noneOfOurs(states []tableState) bool {
+	for _, st := range states {
+		if len(st.chains) > 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// oursIn reports whether backend b holds any chain of ours. A backend whose
+// programs are missing holds none.
+func (r *Rules) oursIn(ctx context.Context, b Backend) (bool, error) {
+	if r.run.lookPath(b, r.ruleset.Family) != nil {
+		return false, nil
+	}
+	states, err := r.readAll(ctx, b)
+	return err == nil && !noneOfOurs(states), err
+}
+
+// Cleanup removes our jumps and chains from both backends, and nothing
+// else. A backend whose programs are missing holds nothing of ours (we
+// could not have written there). It writes nothing where nothing of ours
+// exists.
+func (r *Rules) Cleanup(ctx context.Context) error {
+	var errs []error
+	for _, b := range []Backend{BackendNFT, BackendLegacy} {
+		if err := r.cleanupIn(ctx, b); err != nil {
+			errs = append(errs, fmt.Errorf("%s backend: %w", b, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (r *Rules) cleanupIn(ctx context.Context, b Backend) error {
+	if r.run.lookPath(b, r.ruleset.Family) != nil {
+		return nil
+	}
+	states, err := r.readAll(ctx, b)
+	if err != nil {
+		return err
+	}
+	var payload []string
+	for i, t := range r.ruleset.Tables {
+		payload = append(payload, teardown(t, states[i])...)
 	}
 	if len(payload) == 0 {
 		return nil
 	}
-	return r.restore(ctx, payload)
+	return r.restore(ctx, b, payload)
 }
 
 // tableState is what one table holds of ours.
@@ -142,15 +250,22 @@ type tableState struct {
 //     xtables lock. iptables-legacy-save -t TABLE reads the table once and
 //     takes no lock. So we read each table once with -save and keep only the
 //     lines that concern us, streaming, so a large table is never held in
-//     memory.
-func (r *Rules) read(ctx context.Context, t render.Table) (tableState, error) {
+//     memory. A table /proc/net/ip_tables_names does not list is not read
+//     at all: it holds nothing, and reading it would create it.
+func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState, error) {
 	st := tableState{chains: map[string][]string{}, refs: map[string][]string{}}
 	collect := st.collector(t)
 	f := r.ruleset.Family
-	if r.backend == BackendLegacy {
-		return st, r.run.run(ctx, nil, collect, r.backend.binary(f, toolSave), "-t", t.Name)
+	if b == BackendLegacy {
+		// A table the kernel does not list holds nothing, and reading it
+		// would create it.
+		tables, err := r.run.legacyTables(f)
+		if err != nil || !tables[t.Name] {
+			return st, err
+		}
+		return st, r.run.run(ctx, nil, collect, b.binary(f, toolSave), "-t", t.Name)
 	}
-	list := r.backend.binary(f, toolIPTables)
+	list := b.binary(f, toolIPTables)
 	for _, c := range t.Chains {
 		err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", c.Name)
 		if err != nil && !isChainNotFound(err) {
@@ -308,10 +423,10 @@ func block(table string, parts ...[]string) []string {
 	return append(append([]string{"*" + table}, lines...), "COMMIT")
 }
 
-// restore loads lines with one iptables-restore --noflush.
-func (r *Rules) restore(ctx context.Context, lines []string) error {
+// restore loads lines with one iptables-restore --noflush of backend b.
+func (r *Rules) restore(ctx context.Context, b Backend, lines []string) error {
 	payload := []byte(strings.Join(lines, "\n") + "\n")
-	name := r.backend.binary(r.ruleset.Family, toolRestore)
+	name := b.binary(r.ruleset.Family, toolRestore)
 	wait := "--wait=" + strconv.Itoa(int(r.lockWait.Seconds()))
 	r.stats.Restores.Add(1)
 	err := r.run.run(ctx, payload, func(string) {}, name, "--noflush", wait)

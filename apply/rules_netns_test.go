@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io/fs"
 	"slices"
 	"strings"
 	"sync"
@@ -45,6 +46,19 @@ func (e *nsExec) takeRan() []string {
 	ran := e.ran
 	e.ran = nil
 	return ran
+}
+
+// newNSRules returns Rules that run programs and read /proc inside ns.
+func newNSRules(ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
+	r := NewRules(ex, b, rs, &Stats{})
+	r.run.readFile = func(name string) ([]byte, error) {
+		out, err := ns.RunErr("cat", name)
+		if err != nil && strings.Contains(err.Error(), "No such file") {
+			return nil, fs.ErrNotExist
+		}
+		return []byte(out), err
+	}
+	return r
 }
 
 type backendCase struct {
@@ -120,7 +134,7 @@ func TestRulesNetns(t *testing.T) {
 			ns := netnstest.New(t)
 			ex := newNSExec(ns)
 			rs := ruleset(t, tc.addr)
-			r := NewRules(ex, tc.backend, rs, &Stats{})
+			r := newNSRules(ns, ex, tc.backend, rs)
 			ctx := context.Background()
 			bin := tc.backend.binary(rs.Family, toolIPTables)
 
@@ -205,7 +219,7 @@ func TestRulesNetnsForeignRulesUntouched(t *testing.T) {
 		t.Run(tc.String(), func(t *testing.T) {
 			ns := netnstest.New(t)
 			rs := ruleset(t, tc.addr)
-			r := NewRules(newNSExec(ns), tc.backend, rs, &Stats{})
+			r := newNSRules(ns, newNSExec(ns), tc.backend, rs)
 			ctx := context.Background()
 			bin := tc.backend.binary(rs.Family, toolIPTables)
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"io/fs"
 	"net/netip"
 	"strings"
 	"testing"
@@ -54,12 +55,32 @@ func fakeExec(t *testing.T, calls ...call) utilexec.Interface {
 			return fc
 		})
 	}
+	fe.LookPathFunc = func(name string) (string, error) { return "/usr/sbin/" + name, nil }
 	t.Cleanup(func() {
 		if fe.CommandCalls != len(calls) {
 			t.Errorf("ran %d programs, want %d", fe.CommandCalls, len(calls))
 		}
 	})
 	return fe
+}
+
+// newRules returns Rules on the exec fake, with /proc files read from proc
+// (a missing name does not exist: no legacy iptables in the kernel).
+func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]string, calls ...call) (*Rules, *Stats) {
+	t.Helper()
+	stats := &Stats{}
+	r := NewRules(fakeExec(t, calls...), b, rs, stats)
+	r.run.readFile = fakeProc(proc)
+	return r, stats
+}
+
+func fakeProc(files map[string]string) func(string) ([]byte, error) {
+	return func(name string) ([]byte, error) {
+		if s, ok := files[name]; ok {
+			return []byte(s), nil
+		}
+		return nil, fs.ErrNotExist
+	}
 }
 
 func ruleset(t *testing.T, addr string) *render.Ruleset {
@@ -106,6 +127,13 @@ func nftListing(bin, pre, out, hPre, hOut, in, fOut, hIn, hFOut string) []call {
 		{argv: bin + " -t filter -S INPUT", stdout: hIn},
 		{argv: bin + " -t filter -S OUTPUT", stdout: hFOut},
 	}
+}
+
+const ipTablesNames = "/proc/net/ip_tables_names"
+
+// noneOfOursNFT is an nft read of a node without anything of ours.
+func noneOfOursNFT(bin string) []call {
+	return nftListing(bin, "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n")
 }
 
 func converged() []call {
@@ -190,8 +218,7 @@ func TestRulesSyncNFT(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			stats := &Stats{}
-			r := NewRules(fakeExec(t, tc.calls...), BackendNFT, rs, stats)
+			r, stats := newRules(t, BackendNFT, rs, nil, tc.calls...)
 			drifts, err := r.Sync(context.Background())
 			if err != nil {
 				t.Fatal(err)
@@ -222,7 +249,8 @@ func TestRulesSyncIPv6UsesIP6Tables(t *testing.T) {
 	rs := ruleset(t, "fd00::2")
 	calls := append(nftListing("ip6tables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"),
 		call{argv: restoreNFTv6, stdin: string(rs.Payload())})
-	if _, err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Sync(context.Background()); err != nil {
+	r, _ := newRules(t, BackendNFT, rs, nil, calls...)
+	if _, err := r.Sync(context.Background()); err != nil {
 		t.Fatal(err)
 	}
 }
@@ -272,8 +300,8 @@ func TestRulesSyncFailures(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			stats := &Stats{}
-			_, err := NewRules(fakeExec(t, tc.calls...), BackendNFT, rs, stats).Sync(context.Background())
+			r, stats := newRules(t, BackendNFT, rs, nil, tc.calls...)
+			_, err := r.Sync(context.Background())
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
 			}
@@ -312,13 +340,15 @@ const (
 func TestRulesSyncLegacy(t *testing.T) {
 	rs := ruleset(t, "10.96.0.2")
 	t.Run("converged raw, missing filter chain and jump: one save per table, one restore", func(t *testing.T) {
-		calls := []call{
+		// After its write, the first sync looks for ours in the nft backend.
+		calls := append([]call{
 			{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
 			{argv: "iptables-legacy-save -t filter", stdout: legacyFilterSave},
 			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: "*filter\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
 				"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\n-I OUTPUT -j APISERVER-PROXY-OUTPUT\nCOMMIT\n"},
-		}
-		drifts, err := NewRules(fakeExec(t, calls...), BackendLegacy, rs, &Stats{}).Sync(context.Background())
+		}, noneOfOursNFT("iptables-nft")...)
+		r, _ := newRules(t, BackendLegacy, rs, map[string]string{ipTablesNames: "mangle\nfilter\nraw\n"}, calls...)
+		drifts, err := r.Sync(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -327,13 +357,13 @@ func TestRulesSyncLegacy(t *testing.T) {
 			t.Errorf("drifts (-want +got):\n%s", diff)
 		}
 	})
-	t.Run("fresh node", func(t *testing.T) {
-		calls := []call{
+	t.Run("fresh node: only the tables the kernel lists are read", func(t *testing.T) {
+		calls := append([]call{
 			{argv: "iptables-legacy-save -t raw", stdout: "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"},
-			{argv: "iptables-legacy-save -t filter", stdout: ""},
 			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: string(rs.Payload())},
-		}
-		if _, err := NewRules(fakeExec(t, calls...), BackendLegacy, rs, &Stats{}).Sync(context.Background()); err != nil {
+		}, noneOfOursNFT("iptables-nft")...)
+		r, _ := newRules(t, BackendLegacy, rs, map[string]string{ipTablesNames: "raw\n"}, calls...)
+		if _, err := r.Sync(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -349,13 +379,15 @@ func TestRulesCleanup(t *testing.T) {
 				"-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D PREROUTING -j APISERVER-PROXY-PREROUTING\n-D OUTPUT -j APISERVER-PROXY-OUTPUT\n" +
 				"-X APISERVER-PROXY-PREROUTING\n-X APISERVER-PROXY-OUTPUT\nCOMMIT\n" +
 				"*filter\n:APISERVER-PROXY-INPUT - [0:0]\n-D INPUT -j APISERVER-PROXY-INPUT\n-X APISERVER-PROXY-INPUT\nCOMMIT\n"})
-		if err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Cleanup(context.Background()); err != nil {
+		r, _ := newRules(t, BackendNFT, rs, nil, calls...)
+		if err := r.Cleanup(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("nothing of ours: no write", func(t *testing.T) {
 		calls := nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n-A INPUT -j KUBE-FIREWALL\n", "-P OUTPUT ACCEPT\n")
-		if err := NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{}).Cleanup(context.Background()); err != nil {
+		r, _ := newRules(t, BackendNFT, rs, nil, calls...)
+		if err := r.Cleanup(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	})

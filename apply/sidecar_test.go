@@ -13,8 +13,7 @@ func TestSidecarSyncRunsEveryPartAndJoinsErrors(t *testing.T) {
 	nl := newFake(t, nil)
 	nl.fail = map[string]error{"AddrAdd lo": errors.New("permission denied")}
 	address := NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")})
-	stats := &Stats{}
-	rules := NewRules(fakeExec(t, converged()...), BackendNFT, ruleset(t, "10.96.0.2"), stats)
+	rules, stats := newRules(t, BackendNFT, ruleset(t, "10.96.0.2"), nil, converged()...)
 	s := NewSidecar(address, []*Rules{rules}, stats)
 
 	err := s.Sync(context.Background())
@@ -56,8 +55,8 @@ func TestSidecarCleanupTriesEverything(t *testing.T) {
 	nl := newFake(t, nil, "lo 10.96.0.2/32")
 	rs := ruleset(t, "10.96.0.2")
 	calls := []call{{argv: "iptables-nft -t raw -S APISERVER-PROXY-PREROUTING", exit: 4, stderr: "Permission denied\n"}}
-	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}),
-		[]*Rules{NewRules(fakeExec(t, calls...), BackendNFT, rs, &Stats{})}, &Stats{})
+	rules, stats := newRules(t, BackendNFT, rs, nil, calls...)
+	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), []*Rules{rules}, stats)
 	err := s.Cleanup(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "IPv4 rules") {
 		t.Fatalf("Cleanup error %v, want the rules failure", err)

@@ -37,7 +37,7 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.Interface, "interface", "lo", "[optional] name of the interface to add address to.")
 	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
 	fs.BoolVar(&f.SetupIPTables, "setup-iptables", false, "[optional] indicates whether iptables rules should be setup.")
-	fs.StringVar(&f.Backend, "iptables-backend", "nft", "[optional] iptables backend the rules are written with: nft or legacy. It must be the backend the node's kube-proxy and kubelet use.")
+	fs.StringVar(&f.Backend, "iptables-backend", "auto", "[optional] iptables backend the rules are written with: auto (detect the one the node's kube-proxy and kubelet use), nft or legacy.")
 	fs.BoolVar(&f.Cleanup, "cleanup", false, "[optional] indicates whether created interface and iptables should be removed on exit.")
 	fs.BoolVar(&f.Daemon, "daemon", true, "[optional] indicates if the sidecar should run as a daemon")
 	fs.BoolVar(&f.DryRun, "dry-run", false, "[optional] validate the flags, print the iptables-restore input that would be loaded on a node where none of it exists yet, and exit without touching the machine.")
@@ -51,7 +51,7 @@ type Config struct {
 	Interface     string
 	SyncInterval  time.Duration
 	SetupIPTables bool
-	// Backend is "nft" or "legacy".
+	// Backend is "auto", "nft" or "legacy".
 	Backend string
 	Cleanup bool
 	Daemon  bool
@@ -86,8 +86,10 @@ func (f Flags) Validate() (Config, error) {
 	if f.SyncInterval <= 0 {
 		return Config{}, flagError("sync-interval", f.SyncInterval.String(), errors.New("must be positive"))
 	}
-	if f.Backend != "nft" && f.Backend != "legacy" {
-		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "nft" or "legacy"`))
+	switch f.Backend {
+	case "auto", "nft", "legacy":
+	default:
+		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "auto", "nft" or "legacy"`))
 	}
 	return Config{
 		Addrs:         addrs,

@@ -11,7 +11,7 @@ import (
 )
 
 func valid() Flags {
-	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Backend: "nft", Daemon: true}
+	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Backend: "auto", Daemon: true}
 }
 
 func TestValidateAccepts(t *testing.T) {
@@ -27,6 +27,7 @@ func TestValidateAccepts(t *testing.T) {
 		{"dual-stack IPv6 first is reordered", func(f *Flags) { f.IPAddress = "fd00::2,10.96.0.2" }, []string{"10.96.0.2", "fd00::2"}, 443},
 		{"port 1", func(f *Flags) { f.Port = "1" }, []string{"10.96.0.2"}, 1},
 		{"port 65535", func(f *Flags) { f.Port = "65535" }, []string{"10.96.0.2"}, 65535},
+		{"legacy backend", func(f *Flags) { f.Backend = "legacy" }, []string{"10.96.0.2"}, 443},
 		{"15-byte interface", func(f *Flags) { f.Interface = "apiserver-proxy" }, []string{"10.96.0.2"}, 443},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
