@@ -166,7 +166,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	}
 	defer address.Close()
 	var rules []*apply.Rules
-	stats := &apply.Stats{}
+	stats := &apply.Counts{}
 	if cfg.SetupIPTables {
 		ex := utilexec.New()
 		for _, rs := range rulesets {

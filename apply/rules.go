@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -38,7 +37,7 @@ type Rules struct {
 	otherClean bool
 	ruleset    *render.Ruleset
 	lockWait   time.Duration
-	stats      *Stats
+	observer   Observer
 }
 
 // defaultLockWait is how long a write waits for the xtables lock (legacy
@@ -47,15 +46,15 @@ type Rules struct {
 const defaultLockWait = 5 * time.Second
 
 // NewRules returns Rules that keep rs in place with the programs of
-// backend (BackendAuto: detected by the first sync), run through ex.
-// Counters are added to stats.
-func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, stats *Stats) *Rules {
+// backend (BackendAuto: detected by the first sync), run through ex. Every
+// iptables-restore and the backend choice are reported to o.
+func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
 		run:      runner{exec: ex, timeout: defaultTimeout},
 		want:     backend,
 		ruleset:  rs,
 		lockWait: defaultLockWait,
-		stats:    stats,
+		observer: o,
 	}
 }
 
@@ -64,14 +63,6 @@ func (r *Rules) Family() render.Family { return r.ruleset.Family }
 
 // Backend is the backend in use, or "" before the first sync chose it.
 func (r *Rules) Backend() Backend { return r.backend }
-
-// Stats counts what the iptables side of the sidecar did. The zero value
-// is ready; all fields are safe for concurrent use.
-type Stats struct {
-	Restores        atomic.Int64 // iptables-restore runs
-	RestoreFailures atomic.Int64 // of which failed
-	LockHeld        atomic.Int64 // of which gave up waiting for the xtables lock
-}
 
 // Drift is one difference between the kernel and the rendered ruleset.
 type Drift struct {
@@ -160,6 +151,7 @@ func (r *Rules) choose(ctx context.Context) error {
 		return err
 	}
 	r.backend, r.otherClean = b, false
+	r.observer.BackendChosen(r.ruleset.Family, b)
 	return nil
 }
 
@@ -428,13 +420,7 @@ func (r *Rules) restore(ctx context.Context, b Backend, lines []string) error {
 	payload := []byte(strings.Join(lines, "\n") + "\n")
 	name := b.binary(r.ruleset.Family, toolRestore)
 	wait := "--wait=" + strconv.Itoa(int(r.lockWait.Seconds()))
-	r.stats.Restores.Add(1)
-	err := r.run.run(ctx, payload, func(string) {}, name, "--noflush", wait)
-	if err != nil {
-		r.stats.RestoreFailures.Add(1)
-		if IsLockHeld(err) {
-			r.stats.LockHeld.Add(1)
-		}
-	}
+	err := r.run.run(ctx, payload, discard, name, "--noflush", wait)
+	r.observer.RestoreRan(r.ruleset.Family, err)
 	return err
 }

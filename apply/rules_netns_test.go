@@ -50,7 +50,7 @@ func (e *nsExec) takeRan() []string {
 
 // newNSRules returns Rules that run programs and read /proc inside ns.
 func newNSRules(ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
-	r := NewRules(ex, b, rs, &Stats{})
+	r := NewRules(ex, b, rs, &Counts{})
 	r.run.readFile = func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {

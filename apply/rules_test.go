@@ -66,9 +66,9 @@ func fakeExec(t *testing.T, calls ...call) utilexec.Interface {
 
 // newRules returns Rules on the exec fake, with /proc files read from proc
 // (a missing name does not exist: no legacy iptables in the kernel).
-func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]string, calls ...call) (*Rules, *Stats) {
+func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]string, calls ...call) (*Rules, *Counts) {
 	t.Helper()
-	stats := &Stats{}
+	stats := &Counts{}
 	r := NewRules(fakeExec(t, calls...), b, rs, stats)
 	r.run.readFile = fakeProc(proc)
 	return r, stats

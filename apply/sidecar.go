@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync/atomic"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -13,57 +12,49 @@ import (
 // Sidecar keeps the address and, optionally, the rules of every address
 // family in place.
 type Sidecar struct {
-	address *Address
-	rules   []*Rules
-	// Stats counts syncs; the Rules count their own writes into IPTables.
-	Stats SyncStats
-	// IPTables counts iptables-restore runs of every Rules made with it.
-	IPTables *Stats
-}
-
-// SyncStats counts the sidecar's syncs. Safe for concurrent use.
-type SyncStats struct {
-	Succeeded atomic.Int64
-	Failed    atomic.Int64
+	address  *Address
+	rules    []*Rules
+	observer Observer
 }
 
 // NewSidecar returns a Sidecar that keeps address and, if rules is not
-// empty, the rules.
-func NewSidecar(address *Address, rules []*Rules, iptables *Stats) *Sidecar {
-	return &Sidecar{address: address, rules: rules, IPTables: iptables}
+// empty, the rules, and reports what it does to o.
+func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
+	return &Sidecar{address: address, rules: rules, observer: o}
 }
 
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
 func (s *Sidecar) Sync(ctx context.Context) error {
-	start := time.Now()
-	var errs []error
+	res := SyncResult{Started: time.Now()}
 	repairs, err := s.address.Ensure()
 	for _, r := range repairs {
 		klog.InfoS("Repaired address", "object", r.Kind.Object(), "repair", r.String())
+		s.observer.Repaired(r.Kind.Object())
 	}
 	if err != nil {
-		errs = append(errs, fmt.Errorf("address: %w", err))
+		res.Address = fmt.Errorf("address: %w", err)
 	}
+	var errs []error
 	drifted := 0
 	for _, r := range s.rules {
 		drifts, err := r.Sync(ctx)
 		for _, d := range drifts {
 			klog.InfoS("Repaired rules", "family", r.Family(), "table", d.Table, "object", d.Object, "chain", d.Chain, "drift", d.What)
+			if err == nil {
+				s.observer.Repaired(d.Object)
+			}
 		}
 		drifted += len(drifts)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s rules: %w", r.Family(), err))
 		}
 	}
-	err = errors.Join(errs...)
-	if err != nil {
-		s.Stats.Failed.Add(1)
-	} else {
-		s.Stats.Succeeded.Add(1)
-	}
-	klog.V(2).InfoS("Sync finished", "duration", time.Since(start), "repairs", len(repairs)+drifted, "ok", err == nil)
-	return err
+	res.Rules = errors.Join(errs...)
+	res.Duration = time.Since(res.Started)
+	s.observer.SyncFinished(res)
+	klog.V(2).InfoS("Sync finished", "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil)
+	return res.Err()
 }
 
 // Run syncs at once and then every interval until ctx is done. Failures are

@@ -21,15 +21,16 @@ func TestSidecarSyncRunsEveryPartAndJoinsErrors(t *testing.T) {
 		t.Fatalf("Sync error %v, want the address failure", err)
 	}
 	// fakeExec checks at cleanup that the rules were still read.
-	if s.Stats.Failed.Load() != 1 || s.Stats.Succeeded.Load() != 0 {
-		t.Errorf("stats: %d failed, %d succeeded; want 1, 0", s.Stats.Failed.Load(), s.Stats.Succeeded.Load())
+	if stats.SyncsFailed.Load() != 1 || stats.SyncsSucceeded.Load() != 0 {
+		t.Errorf("stats: %d failed, %d succeeded; want 1, 0", stats.SyncsFailed.Load(), stats.SyncsSucceeded.Load())
 	}
 }
 
 func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 	nl := newFake(t, nil)
 	nl.fail = map[string]error{"AddrAdd lo": errors.New("permission denied")}
-	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), nil, &Stats{})
+	stats := &Counts{}
+	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), nil, stats)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
@@ -37,9 +38,9 @@ func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 		close(done)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
-	for s.Stats.Failed.Load() < 3 {
+	for stats.SyncsFailed.Load() < 3 {
 		if time.Now().After(deadline) {
-			t.Fatalf("only %d syncs after 10s", s.Stats.Failed.Load())
+			t.Fatalf("only %d syncs after 10s", stats.SyncsFailed.Load())
 		}
 		time.Sleep(time.Millisecond) // polling interval, not synchronisation
 	}
