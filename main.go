@@ -189,7 +189,13 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	sidecar.Run(ctx, cfg.SyncInterval)
+	// The kernel reports changes to our address and link, and to nftables
+	// (the nft backend's rules), so drift is repaired in milliseconds; the
+	// legacy backend has no such events and relies on --sync-interval.
+	events := make(chan apply.Trigger, 1)
+	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables}
+	go watchers.Run(ctx, events)
+	sidecar.Run(ctx, cfg.SyncInterval, events)
 	klog.InfoS("Stopping")
 	if cfg.Cleanup {
 		return cleanup(sidecar)

@@ -57,7 +57,7 @@ func TestBackendNetns(t *testing.T) {
 				for _, c := range tc.setup {
 					ns.Run(t, strings.Replace(c[0], "IPT", ipt, 1), c[1:]...)
 				}
-				r := newNSRules(ns, newNSExec(ns), tc.flag, rs)
+				r := newNSRules(t, ns, newNSExec(ns), tc.flag, rs)
 				if _, err := r.Sync(context.Background()); err != nil {
 					t.Fatal(err)
 				}
@@ -85,13 +85,13 @@ func TestBackendNetnsRemovesLeftovers(t *testing.T) {
 			rs := ruleset(t, "10.96.0.2")
 			ctx := context.Background()
 			// An earlier run with the other backend.
-			if _, err := newNSRules(ns, newNSExec(ns), b.other(), rs).Sync(ctx); err != nil {
+			if _, err := newNSRules(t, ns, newNSExec(ns), b.other(), rs).Sync(ctx); err != nil {
 				t.Fatal(err)
 			}
 			if oursInBackend(t, ns, b.other(), rs) == 0 {
 				t.Fatal("the earlier run left nothing to remove")
 			}
-			if _, err := newNSRules(ns, newNSExec(ns), b, rs).Sync(ctx); err != nil {
+			if _, err := newNSRules(t, ns, newNSExec(ns), b, rs).Sync(ctx); err != nil {
 				t.Fatal(err)
 			}
 			if n := oursInBackend(t, ns, b, rs); n == 0 {

@@ -23,6 +23,12 @@ type Observer interface {
 	RestoreRan(family render.Family, err error)
 	// BackendChosen reports the iptables backend in use for a family.
 	BackendChosen(family render.Family, backend Backend)
+	// Verification reports that a sync starts, and why: one of the
+	// Trigger values.
+	Verification(trigger string)
+	// VerificationSkipped reports a family's rules not read because
+	// nothing can have changed; reason is "generation_unchanged".
+	VerificationSkipped(reason string)
 }
 
 // SyncResult is what one sync found and did.
@@ -42,6 +48,8 @@ func (r SyncResult) Err() error { return errors.Join(r.Address, r.Rules) }
 // Counts is an Observer that counts, for tests and logs. The zero value is
 // ready and safe for concurrent use.
 type Counts struct {
+	Verifications   atomic.Int64
+	Skipped         atomic.Int64
 	SyncsSucceeded  atomic.Int64
 	SyncsFailed     atomic.Int64
 	Repairs         atomic.Int64
@@ -72,6 +80,10 @@ func (c *Counts) RestoreRan(_ render.Family, err error) {
 
 func (c *Counts) BackendChosen(render.Family, Backend) {}
 
+func (c *Counts) Verification(string) { c.Verifications.Add(1) }
+
+func (c *Counts) VerificationSkipped(string) { c.Skipped.Add(1) }
+
 // Observers fans every call out to each Observer in turn.
 type Observers []Observer
 
@@ -96,5 +108,17 @@ func (os Observers) RestoreRan(f render.Family, err error) {
 func (os Observers) BackendChosen(f render.Family, b Backend) {
 	for _, o := range os {
 		o.BackendChosen(f, b)
+	}
+}
+
+func (os Observers) Verification(trigger string) {
+	for _, o := range os {
+		o.Verification(trigger)
+	}
+}
+
+func (os Observers) VerificationSkipped(reason string) {
+	for _, o := range os {
+		o.VerificationSkipped(reason)
 	}
 }

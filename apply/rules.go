@@ -9,6 +9,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vishvananda/netns"
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
@@ -38,7 +39,20 @@ type Rules struct {
 	ruleset    *render.Ruleset
 	lockWait   time.Duration
 	observer   Observer
+
+	// generation reads the nftables ruleset generation; nil where it
+	// cannot be read. verifiedGen is the generation at the start of the
+	// last sync that found everything in place and wrote nothing, at
+	// verifiedAt; zero verifiedAt means there is none since the last write.
+	generation  func() (uint32, error)
+	verifiedGen uint32
+	verifiedAt  time.Time
 }
+
+// fullVerifyEvery bounds how long an unchanged nftables generation may stand
+// in for reading our rules: a safety net against anything the generation
+// does not cover (rules of ours appearing in the legacy backend, say).
+const fullVerifyEvery = 10 * time.Minute
 
 // defaultLockWait is how long a write waits for the xtables lock (legacy
 // backend; nft ignores the lock) before it fails and is retried at the
@@ -55,6 +69,9 @@ func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Obse
 		ruleset:  rs,
 		lockWait: defaultLockWait,
 		observer: o,
+		generation: func() (uint32, error) {
+			return NFTGeneration(netns.None())
+		},
 	}
 }
 
@@ -81,7 +98,9 @@ func (d Drift) String() string {
 // Sync compares the kernel's state of our chains and jumps with the
 // rendered ruleset and, if anything differs, rewrites what differs in one
 // iptables-restore. It returns what differed. When nothing differs it runs
-// nothing but the reads.
+// nothing but the reads; with the nft backend, when the nftables generation
+// has not changed since a sync found everything in place, it runs nothing
+// at all (for at most fullVerifyEvery).
 //
 // The first sync chooses the backend (detecting it with BackendAuto) and
 // checks that its programs exist; after its write it removes anything of
@@ -95,6 +114,13 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 			return nil, err
 		}
 	}
+	gen, genOK := r.readGeneration()
+	if genOK && !r.verifiedAt.IsZero() && gen == r.verifiedGen && time.Since(r.verifiedAt) < fullVerifyEvery {
+		r.observer.VerificationSkipped("generation_unchanged")
+		return nil, nil
+	}
+	r.verifiedAt = time.Time{}
+	started := time.Now()
 	states, err := r.readAll(ctx, r.backend)
 	if err != nil {
 		return nil, err
@@ -133,7 +159,26 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 		r.otherClean = true
 	}
+	if genOK && len(payload) == 0 {
+		// Everything was in place when the generation was gen: until it
+		// changes, it still is.
+		r.verifiedGen, r.verifiedAt = gen, started
+	}
 	return drifts, nil
+}
+
+// readGeneration returns the nftables generation when the backend in use
+// is nft and it can be read.
+func (r *Rules) readGeneration() (uint32, bool) {
+	if r.backend != BackendNFT || r.generation == nil {
+		return 0, false
+	}
+	gen, err := r.generation()
+	if err != nil {
+		klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
+		return 0, false
+	}
+	return gen, true
 }
 
 // choose settles the backend: the configured one, or the detected one.

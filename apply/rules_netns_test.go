@@ -49,8 +49,10 @@ func (e *nsExec) takeRan() []string {
 }
 
 // newNSRules returns Rules that run programs and read /proc inside ns.
-func newNSRules(ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
+func newNSRules(t *testing.T, ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
 	r := NewRules(ex, b, rs, &Counts{})
+	h := ns.NetNS(t)
+	r.generation = func() (uint32, error) { return NFTGeneration(h) }
 	r.run.readFile = func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {
@@ -134,7 +136,7 @@ func TestRulesNetns(t *testing.T) {
 			ns := netnstest.New(t)
 			ex := newNSExec(ns)
 			rs := ruleset(t, tc.addr)
-			r := newNSRules(ns, ex, tc.backend, rs)
+			r := newNSRules(t, ns, ex, tc.backend, rs)
 			ctx := context.Background()
 			bin := tc.backend.binary(rs.Family, toolIPTables)
 
@@ -219,7 +221,7 @@ func TestRulesNetnsForeignRulesUntouched(t *testing.T) {
 		t.Run(tc.String(), func(t *testing.T) {
 			ns := netnstest.New(t)
 			rs := ruleset(t, tc.addr)
-			r := newNSRules(ns, newNSExec(ns), tc.backend, rs)
+			r := newNSRules(t, ns, newNSExec(ns), tc.backend, rs)
 			ctx := context.Background()
 			bin := tc.backend.binary(rs.Family, toolIPTables)
 

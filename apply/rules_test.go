@@ -71,6 +71,7 @@ func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]strin
 	stats := &Counts{}
 	r := NewRules(fakeExec(t, calls...), b, rs, stats)
 	r.run.readFile = fakeProc(proc)
+	r.generation = nil // tests of the generation set their own
 	return r, stats
 }
 
@@ -403,5 +404,42 @@ func TestLineWriterSplitsAcrossWrites(t *testing.T) {
 	want := []string{"-A INPUT -j X", "-A OUTPUT", "", "tail"}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("lines (-want +got):\n%s", diff)
+	}
+}
+
+func TestRulesSkipWhileGenerationUnchanged(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	gen := uint32(7)
+	// 1: converged, generation recorded. 2: same generation, nothing run.
+	// 3: generation moved, read again: a jump is gone, written. 4: the
+	// write's own change moves the generation; read, converged. 5: skipped.
+	calls := converged()
+	calls = append(calls, nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut, "-P INPUT ACCEPT\n", hookOut)...)
+	calls = append(calls, call{argv: restoreNFT, stdin: "*filter\n-I INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n"})
+	calls = append(calls, converged()...)
+	r, stats := newRules(t, BackendNFT, rs, nil, calls...)
+	r.generation = func() (uint32, error) { return gen, nil }
+	for i, g := range []uint32{7, 7, 8, 9, 9} {
+		gen = g
+		if _, err := r.Sync(context.Background()); err != nil {
+			t.Fatalf("sync %d: %v", i+1, err)
+		}
+	}
+	if got := stats.Skipped.Load(); got != 2 {
+		t.Errorf("%d syncs skipped, want 2", got)
+	}
+}
+
+func TestRulesReadWhenGenerationFails(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	r, stats := newRules(t, BackendNFT, rs, nil, append(converged(), converged()...)...)
+	r.generation = func() (uint32, error) { return 0, errors.New("operation not permitted") }
+	for i := range 2 {
+		if _, err := r.Sync(context.Background()); err != nil {
+			t.Fatalf("sync %d: %v", i+1, err)
+		}
+	}
+	if stats.Skipped.Load() != 0 {
+		t.Error("a sync was skipped without a generation")
 	}
 }

@@ -34,7 +34,7 @@ func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		s.Run(ctx, time.Millisecond)
+		s.Run(ctx, time.Millisecond, nil)
 		close(done)
 	}()
 	deadline := time.Now().Add(10 * time.Second)
@@ -64,5 +64,73 @@ func TestSidecarCleanupTriesEverything(t *testing.T) {
 	}
 	if len(nl.calls) != 1 || !strings.HasPrefix(nl.calls[0], "AddrDel lo 10.96.0.2/32") {
 		t.Errorf("address calls %q, want the address removed despite the rules failure", nl.calls)
+	}
+}
+
+func TestDebounce(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
+	d := debounce{quiet: 10 * time.Millisecond, max: 100 * time.Millisecond}
+	if _, pending := d.due(t0); pending {
+		t.Fatal("pending before any trigger")
+	}
+	// A burst every 2ms for 30ms: due 10ms after the last one.
+	for i := 0; i <= 30; i += 2 {
+		d.add(ms(i), TriggerNFTables)
+	}
+	if wait, pending := d.due(ms(30)); !pending || wait != 10*time.Millisecond {
+		t.Errorf("due = %v, %v; want 10ms, pending", wait, pending)
+	}
+	if wait, _ := d.due(ms(45)); wait != 0 {
+		t.Errorf("past due: wait %v, want 0", wait)
+	}
+	if got := d.take(); got != TriggerNFTables {
+		t.Errorf("take = %q", got)
+	}
+	if _, pending := d.due(ms(46)); pending {
+		t.Error("still pending after take")
+	}
+	// Endless churn: due 100ms after the first trigger, not never.
+	d.add(ms(200), TriggerAddress)
+	for i := 202; i < 400; i += 2 {
+		d.add(ms(i), TriggerNFTables)
+	}
+	if wait, _ := d.due(ms(290)); wait != 10*time.Millisecond {
+		t.Errorf("amid churn: wait %v, want 10ms (100ms after the first trigger)", wait)
+	}
+	if got := d.take(); got != TriggerAddress {
+		t.Errorf("take = %q, want the burst's first trigger", got)
+	}
+}
+
+func TestRunCoalescesEventBursts(t *testing.T) {
+	nl := newFake(t, nil, "lo 10.96.0.2/32")
+	stats := &Counts{}
+	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), nil, stats)
+	events := make(chan Trigger)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Run(ctx, time.Hour, events)
+		close(done)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	for range 1000 {
+		events <- TriggerNFTables // unbuffered: each is received by the loop
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for stats.Verifications.Load() < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d verifications, want the startup one and one for the burst", stats.Verifications.Load())
+		}
+		time.Sleep(time.Millisecond) // polling interval
+	}
+	// 1000 events sent as fast as the loop takes them last a few ms: at
+	// most one verification per debounceMax of them, plus the startup one.
+	if n := stats.Verifications.Load(); n > 3 {
+		t.Errorf("%d verifications for one burst, want at most 3", n)
 	}
 }

@@ -1,0 +1,274 @@
+package apply
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+)
+
+// Trigger says why a verification runs; it is the value of the
+// verifications metric's "trigger" label.
+type Trigger string
+
+// The reasons a verification runs.
+const (
+	TriggerStartup  Trigger = "startup"
+	TriggerInterval Trigger = "interval"
+	TriggerAddress  Trigger = "address_event"
+	TriggerLink     Trigger = "link_event"
+	TriggerNFTables Trigger = "nftables_event"
+)
+
+// Watchers tell the sync loop when the kernel changed something that may
+// concern us, so that it verifies within milliseconds instead of at the
+// next interval. Every (re)subscription is followed by a trigger, since
+// events may have been missed while there was none.
+type Watchers struct {
+	// Namespace is the network namespace to watch; nil means the current
+	// one.
+	Namespace *netns.NsHandle
+	Interface string
+	Addrs     []netip.Addr
+	// NFTables also watches nftables changes (the nft backend's rules).
+	NFTables bool
+}
+
+// Backoff bounds for re-subscribing after a netlink error.
+const (
+	minBackoff = 100 * time.Millisecond
+	maxBackoff = 30 * time.Second
+)
+
+// Run watches until ctx is done, sending triggers to out without ever
+// blocking on it: a trigger already waiting in out stands for later ones.
+func (w Watchers) Run(ctx context.Context, out chan<- Trigger) {
+	send := func(t Trigger) {
+		select {
+		case out <- t:
+		default:
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Go(func() { w.resubscribe(ctx, "address", TriggerAddress, send, w.watchAddrs) })
+	wg.Go(func() { w.resubscribe(ctx, "link", TriggerLink, send, w.watchLinks) })
+	if w.NFTables {
+		wg.Go(func() { w.resubscribe(ctx, "nftables", TriggerNFTables, send, w.watchNFTables) })
+	}
+	wg.Wait()
+}
+
+// resubscribe runs watch again after each failure, with exponential
+// backoff, until ctx is done. watch returns when its subscription ended.
+func (w Watchers) resubscribe(ctx context.Context, what string, t Trigger, send func(Trigger), watch func(context.Context, func(Trigger)) error) {
+	backoff := minBackoff
+	for ctx.Err() == nil {
+		started := time.Now()
+		err := watch(ctx, send)
+		if ctx.Err() != nil {
+			return
+		}
+		if time.Since(started) > maxBackoff {
+			backoff = minBackoff // it ran well for a while
+		}
+		klog.ErrorS(err, "Kernel event subscription ended; subscribing again", "events", what, "retryIn", backoff)
+		send(t) // whatever happened meanwhile goes unseen: verify
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// watchAddrs sends TriggerAddress for every added or removed address equal
+// to one of ours, on any link.
+func (w Watchers) watchAddrs(ctx context.Context, send func(Trigger)) error {
+	ch := make(chan netlink.AddrUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	errc := make(chan error, 1)
+	err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{
+		Namespace: w.Namespace,
+		ErrorCallback: func(err error) {
+			select {
+			case errc <- err:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("subscribing to address updates: %w", err)
+	}
+	send(TriggerAddress)
+	ours := map[netip.Addr]bool{}
+	for _, a := range w.Addrs {
+		ours[a] = true
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case u, ok := <-ch:
+			if !ok {
+				return errors.New("address updates closed")
+			}
+			if ip, ok := netip.AddrFromSlice(u.LinkAddress.IP); ok && ours[ip.Unmap()] {
+				send(TriggerAddress)
+			}
+		}
+	}
+}
+
+// watchLinks sends TriggerLink for every change to the link named
+// Interface: created, deleted, set up or down.
+func (w Watchers) watchLinks(ctx context.Context, send func(Trigger)) error {
+	ch := make(chan netlink.LinkUpdate, 64)
+	done := make(chan struct{})
+	defer close(done)
+	errc := make(chan error, 1)
+	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
+		Namespace: w.Namespace,
+		ErrorCallback: func(err error) {
+			select {
+			case errc <- err:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		return fmt.Errorf("subscribing to link updates: %w", err)
+	}
+	send(TriggerLink)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-errc:
+			return err
+		case u, ok := <-ch:
+			if !ok {
+				return errors.New("link updates closed")
+			}
+			if u.Link != nil && u.Link.Attrs().Name == w.Interface {
+				send(TriggerLink)
+			}
+		}
+	}
+}
+
+// watchNFTables sends TriggerNFTables for every nftables change: each
+// committed transaction ends with a new-generation message on the
+// NFNLGRP_NFTABLES group. iptables-nft writes through nftables, so this
+// covers the nft backend's rules; the legacy backend has no such events.
+func (w Watchers) watchNFTables(ctx context.Context, send func(Trigger)) error {
+	ns := netns.None()
+	if w.Namespace != nil {
+		ns = *w.Namespace
+	}
+	s, err := nl.SubscribeAt(ns, netns.None(), unix.NETLINK_NETFILTER, unix.NFNLGRP_NFTABLES)
+	if err != nil {
+		return fmt.Errorf("subscribing to nftables changes: %w", err)
+	}
+	stop := context.AfterFunc(ctx, s.Close)
+	defer func() {
+		if stop() {
+			s.Close()
+		}
+	}()
+	send(TriggerNFTables)
+	for {
+		msgs, _, err := s.Receive()
+		if ctx.Err() != nil {
+			return nil
+		}
+		if errors.Is(err, unix.ENOBUFS) {
+			// The kernel dropped messages: something changed, verify.
+			send(TriggerNFTables)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("receiving nftables changes: %w", err)
+		}
+		if len(msgs) > 0 {
+			send(TriggerNFTables)
+		}
+	}
+}
+
+// nftables netlink constants (linux/netfilter/nfnetlink.h, nf_tables.h).
+const (
+	nfnlSubsysNFTables = 10
+	nftMsgGetGen       = 16
+	nftMsgNewGen       = 15
+	nftaGenID          = 1
+)
+
+// nfgenmsg is the nfnetlink header: family, version, resource id.
+type nfgenmsg struct{}
+
+func (nfgenmsg) Len() int          { return 4 }
+func (nfgenmsg) Serialize() []byte { return []byte{unix.AF_UNSPEC, 0 /* NFNETLINK_V0 */, 0, 0} }
+
+// NFTGeneration returns the nftables ruleset generation of network
+// namespace ns (netns.None(): the current one). Every committed change to
+// any nftables table, iptables-nft's included, increments it, so an
+// unchanged generation means unchanged rules.
+func NFTGeneration(ns netns.NsHandle) (uint32, error) {
+	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_NETFILTER)
+	if err != nil {
+		return 0, fmt.Errorf("opening nfnetlink socket: %w", err)
+	}
+	defer s.Close()
+	if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 5}); err != nil {
+		return 0, err
+	}
+	req := nl.NewNetlinkRequest(nfnlSubsysNFTables<<8|nftMsgGetGen, unix.NLM_F_REQUEST)
+	req.AddData(nfgenmsg{})
+	if err := s.Send(req); err != nil {
+		return 0, fmt.Errorf("requesting the nftables generation: %w", err)
+	}
+	for {
+		msgs, _, err := s.Receive()
+		if err != nil {
+			return 0, fmt.Errorf("reading the nftables generation: %w", err)
+		}
+		for _, m := range msgs {
+			switch {
+			case m.Header.Seq != req.Seq:
+				continue
+			case m.Header.Type == unix.NLMSG_ERROR:
+				if len(m.Data) >= 4 {
+					if errno := int32(binary.NativeEndian.Uint32(m.Data[:4])); errno != 0 {
+						return 0, fmt.Errorf("reading the nftables generation: %w", unix.Errno(-errno))
+					}
+				}
+				continue
+			case m.Header.Type != nfnlSubsysNFTables<<8|nftMsgNewGen || len(m.Data) < 4:
+				continue
+			}
+			attrs, err := nl.ParseRouteAttr(m.Data[4:])
+			if err != nil {
+				return 0, fmt.Errorf("parsing the nftables generation: %w", err)
+			}
+			for _, a := range attrs {
+				if a.Attr.Type&^unix.NLA_F_NESTED == nftaGenID && len(a.Value) == 4 {
+					return binary.BigEndian.Uint32(a.Value), nil
+				}
+			}
+			return 0, errors.New("nftables generation message without an id")
+		}
+	}
+}
