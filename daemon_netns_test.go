@@ -2,7 +2,9 @@ package main
 
 import (
 	"bytes"
+	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"slices"
 	"strings"
@@ -37,8 +39,17 @@ func (d *daemon) log() string {
 
 func startDaemon(t *testing.T, ns *netnstest.NS, bin string, args ...string) *daemon {
 	t.Helper()
+	return startDaemonEnv(t, ns, nil, bin, args...)
+}
+
+// startDaemonEnv is startDaemon with extra environment variables.
+func startDaemonEnv(t *testing.T, ns *netnstest.NS, env []string, bin string, args ...string) *daemon {
+	t.Helper()
 	d := &daemon{done: make(chan error, 1)}
 	d.cmd = ns.Command(bin, args...)
+	if env != nil {
+		d.cmd.Env = append(os.Environ(), env...)
+	}
 	d.cmd.Stderr = d
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -195,4 +206,14 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			}
 		})
 	}
+}
+
+func mustIPNet(t *testing.T, cidr string) *net.IPNet {
+	t.Helper()
+	ip, n, err := net.ParseCIDR(cidr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.IP = ip
+	return n
 }
