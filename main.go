@@ -23,6 +23,7 @@ import (
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/telemetry"
 )
 
 const name = "apiserver-proxy-sidecar"
@@ -166,14 +167,14 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	}
 	defer address.Close()
 	var rules []*apply.Rules
-	stats := &apply.Counts{}
+	tel := telemetry.New(telemetry.Options{SyncInterval: cfg.SyncInterval, Version: version})
 	if cfg.SetupIPTables {
 		ex := utilexec.New()
 		for _, rs := range rulesets {
-			rules = append(rules, apply.NewRules(ex, apply.Backend(cfg.Backend), rs, stats))
+			rules = append(rules, apply.NewRules(ex, apply.Backend(cfg.Backend), rs, tel))
 		}
 	}
-	sidecar := apply.NewSidecar(address, rules, stats)
+	sidecar := apply.NewSidecar(address, rules, tel)
 	klog.InfoS("Starting", "version", version, "addresses", cfg.Addrs, "port", cfg.Port, "interface", cfg.Interface,
 		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)
 
@@ -187,6 +188,12 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 		klog.InfoS("Address and rules are in place")
 		return nil
 	}
+	// The health and metrics listeners run in daemon mode only: a one-shot
+	// run ends before a probe or a scrape could tell anything from them.
+	listeners, err := serveTelemetry(tel, cfg)
+	if err != nil {
+		return err
+	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	// The kernel reports changes to our address and link, and to nftables
@@ -197,11 +204,40 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	go watchers.Run(ctx, events)
 	sidecar.Run(ctx, cfg.SyncInterval, events)
 	klog.InfoS("Stopping")
+	stopTelemetry(listeners)
 	if cfg.Cleanup {
 		return cleanup(sidecar)
 	}
 	klog.InfoS("Leaving address and rules in place (no --cleanup)")
 	return nil
+}
+
+// serveTelemetry starts the listeners the flags ask for; an address that
+// cannot be listened on is an error before anything else starts.
+func serveTelemetry(tel *telemetry.Telemetry, cfg config.Config) (*telemetry.Listeners, error) {
+	l, err := tel.Start(cfg.HealthProbeBindAddress, cfg.MetricsBindAddress)
+	if err != nil {
+		return nil, err
+	}
+	if a := l.HealthAddr(); a != nil {
+		klog.InfoS("Serving health probes", "address", a.String(), "paths", []string{"/healthz", "/readyz"})
+	}
+	if a := l.MetricsAddr(); a != nil {
+		klog.InfoS("Serving metrics", "address", a.String(), "path", "/metrics")
+	}
+	return l, nil
+}
+
+// telemetryShutdownTimeout bounds the shutdown of the listeners at exit,
+// which comes before cleanup.
+const telemetryShutdownTimeout = 5 * time.Second
+
+func stopTelemetry(l *telemetry.Listeners) {
+	ctx, cancel := context.WithTimeout(context.Background(), telemetryShutdownTimeout)
+	defer cancel()
+	if err := l.Shutdown(ctx); err != nil {
+		klog.ErrorS(err, "Stopping the health and metrics listeners")
+	}
 }
 
 // cleanupTimeout bounds the removal at exit, well inside a pod's default

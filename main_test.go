@@ -70,6 +70,12 @@ func TestBadInputExits2(t *testing.T) {
 		{"newline in port", []string{"--ip-address", "10.96.0.2", "--port", "443\n"}, `--port`},
 		{"newline in interface", []string{"--ip-address", "10.96.0.2", "--interface", "lo\n"}, `--interface`},
 		{"newline in a klog flag", []string{"--ip-address", "10.96.0.2", "--log_file", "a\nb"}, `"a\nb" for --log_file`},
+		{"health address without port", []string{"--ip-address", "10.96.0.2", "--health-probe-bind-address", "127.0.0.1"}, `"127.0.0.1" for --health-probe-bind-address`},
+		{"health port 0", []string{"--ip-address", "10.96.0.2", "--health-probe-bind-address", ":0"}, `":0" for --health-probe-bind-address`},
+		{"health hostname", []string{"--ip-address", "10.96.0.2", "--health-probe-bind-address", "node1:16911"}, `"node1:16911" for --health-probe-bind-address`},
+		{"metrics port too large", []string{"--ip-address", "10.96.0.2", "--metrics-bind-address", ":70000"}, `":70000" for --metrics-bind-address`},
+		{"metrics port name", []string{"--ip-address", "10.96.0.2", "--metrics-bind-address", ":metrics"}, `":metrics" for --metrics-bind-address`},
+		{"metrics on the health port", []string{"--ip-address", "10.96.0.2", "--health-probe-bind-address", "127.0.0.1:16911", "--metrics-bind-address", ":16911"}, `":16911" for --metrics-bind-address`},
 		{"stray argument", []string{"--ip-address", "10.96.0.2", "extra"}, `unexpected argument "extra"`},
 		{"unknown flag", []string{"--ip-address", "10.96.0.2", "--no-such-flag"}, `--no-such-flag`},
 	} {
@@ -118,6 +124,8 @@ func TestHelpListsSeedFlags(t *testing.T) {
 		"-v, --v Level ",
 		"--vmodule moduleSpec ",
 		"--dry-run ",
+		"--health-probe-bind-address string ",
+		"--metrics-bind-address string ",
 	} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("--help does not show %q", want)

@@ -6,6 +6,7 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"strconv"
 	"strings"
@@ -26,11 +27,16 @@ type Flags struct {
 	Cleanup       bool
 	Daemon        bool
 	DryRun        bool
+	// HealthProbeBindAddress and MetricsBindAddress are host:port, or ""
+	// or "0" for off.
+	HealthProbeBindAddress string
+	MetricsBindAddress     string
 }
 
 // AddFlags registers the sidecar's own flags on fs with their defaults.
-// Names, defaults and meanings are those of the original sidecar; --dry-run
-// is new.
+// Names, defaults and meanings are those of the original sidecar; --dry-run,
+// --iptables-backend and the two bind addresses (named as controller-runtime
+// names them) are new.
 func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one IPv4 address, one IPv6 address, or one of each separated by a comma.")
 	fs.StringVar(&f.Port, "port", "443", "[optional] port on which the proxy is listening.")
@@ -41,6 +47,8 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&f.Cleanup, "cleanup", false, "[optional] indicates whether created interface and iptables should be removed on exit.")
 	fs.BoolVar(&f.Daemon, "daemon", true, "[optional] indicates if the sidecar should run as a daemon")
 	fs.BoolVar(&f.DryRun, "dry-run", false, "[optional] validate the flags, print the iptables-restore input that would be loaded on a node where none of it exists yet, and exit without touching the machine.")
+	fs.StringVar(&f.HealthProbeBindAddress, "health-probe-bind-address", "", `[optional] host:port to serve the /healthz and /readyz probes on in daemon mode (":16911" for every address); empty or "0" serves none.`)
+	fs.StringVar(&f.MetricsBindAddress, "metrics-bind-address", "", `[optional] host:port to serve Prometheus metrics on, at /metrics, in daemon mode (":16910" for every address); empty or "0" serves none.`)
 }
 
 // Config is the validated configuration.
@@ -56,6 +64,12 @@ type Config struct {
 	Cleanup bool
 	Daemon  bool
 	DryRun  bool
+	// HealthProbeBindAddress is where /healthz and /readyz are served, as
+	// host:port; "" when they are not.
+	HealthProbeBindAddress string
+	// MetricsBindAddress is where /metrics is served, as host:port; ""
+	// when it is not.
+	MetricsBindAddress string
 }
 
 // FlagError reports a flag whose value was refused.
@@ -91,6 +105,19 @@ func (f Flags) Validate() (Config, error) {
 	default:
 		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "auto", "nft" or "legacy"`))
 	}
+	health, err := ParseBindAddress(f.HealthProbeBindAddress)
+	if err != nil {
+		return Config{}, flagError("health-probe-bind-address", f.HealthProbeBindAddress, err)
+	}
+	metrics, err := ParseBindAddress(f.MetricsBindAddress)
+	if err != nil {
+		return Config{}, flagError("metrics-bind-address", f.MetricsBindAddress, err)
+	}
+	if health != "" && metrics != "" && bindPort(health) == bindPort(metrics) {
+		// Both listeners set SO_REUSEPORT: the kernel would split the
+		// connections between them instead of refusing the second.
+		return Config{}, flagError("metrics-bind-address", f.MetricsBindAddress, errors.New("must not use the port of --health-probe-bind-address"))
+	}
 	return Config{
 		Addrs:         addrs,
 		Port:          port,
@@ -101,6 +128,9 @@ func (f Flags) Validate() (Config, error) {
 		Cleanup:       f.Cleanup,
 		Daemon:        f.Daemon,
 		DryRun:        f.DryRun,
+
+		HealthProbeBindAddress: health,
+		MetricsBindAddress:     metrics,
 	}, nil
 }
 
@@ -169,6 +199,35 @@ func ParsePort(s string) (uint16, error) {
 		return 0, errors.New("must be a number in 1..65535")
 	}
 	return uint16(n), nil
+}
+
+// ParseBindAddress checks an address to listen on: "" or "0" (off, returned
+// as ""), or host:port where host is empty (every address), "localhost" or
+// an IP address, and port is a number in 1..65535.
+func ParseBindAddress(s string) (string, error) {
+	if s == "" || s == "0" {
+		return "", nil
+	}
+	host, port, err := net.SplitHostPort(s)
+	if err != nil {
+		return "", errors.New(`must be host:port (":16910" for every address), or empty or "0" for off`)
+	}
+	if host != "" && host != "localhost" {
+		if _, err := netip.ParseAddr(host); err != nil {
+			return "", fmt.Errorf("%q is neither an IP address nor localhost", host)
+		}
+	}
+	if _, err := ParsePort(port); err != nil {
+		return "", fmt.Errorf("port %q: %w", port, err)
+	}
+	return s, nil
+}
+
+// bindPort is the port of a host:port that ParseBindAddress accepted.
+func bindPort(s string) uint16 {
+	_, port, _ := net.SplitHostPort(s)
+	n, _ := ParsePort(port)
+	return n
 }
 
 // maxInterfaceName is the longest interface name Linux accepts (IFNAMSIZ-1).

@@ -51,6 +51,33 @@ func TestValidateAccepts(t *testing.T) {
 	}
 }
 
+func TestValidateBindAddresses(t *testing.T) {
+	for _, tc := range []struct {
+		health, metrics         string
+		wantHealth, wantMetrics string
+	}{
+		{"", "", "", ""},
+		{"0", "0", "", ""},
+		{"127.0.0.1:16911", ":16910", "127.0.0.1:16911", ":16910"},
+		{"localhost:16911", "0.0.0.0:16910", "localhost:16911", "0.0.0.0:16910"},
+		{"[::1]:16911", "[::]:16910", "[::1]:16911", "[::]:16910"},
+		{"127.0.0.1:65535", "0", "127.0.0.1:65535", ""},
+		{"0", ":1", "", ":1"},
+	} {
+		t.Run(tc.health+" "+tc.metrics, func(t *testing.T) {
+			f := valid()
+			f.HealthProbeBindAddress, f.MetricsBindAddress = tc.health, tc.metrics
+			cfg, err := f.Validate()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.HealthProbeBindAddress != tc.wantHealth || cfg.MetricsBindAddress != tc.wantMetrics {
+				t.Errorf("health %q, metrics %q; want %q, %q", cfg.HealthProbeBindAddress, cfg.MetricsBindAddress, tc.wantHealth, tc.wantMetrics)
+			}
+		})
+	}
+}
+
 // TestValidateRefuses covers every kind of input that must be refused. The
 // error must name the flag and show the value.
 func TestValidateRefuses(t *testing.T) {
@@ -94,6 +121,23 @@ func TestValidateRefuses(t *testing.T) {
 		{"zero sync interval", "sync-interval", "0s", func(f *Flags) { f.SyncInterval = 0 }},
 		{"unknown backend", "iptables-backend", "iptables", func(f *Flags) { f.Backend = "iptables" }},
 		{"negative sync interval", "sync-interval", "-1s", func(f *Flags) { f.SyncInterval = -time.Second }},
+		{"health address without port", "health-probe-bind-address", "127.0.0.1", func(f *Flags) { f.HealthProbeBindAddress = "127.0.0.1" }},
+		{"health port alone", "health-probe-bind-address", "16911", func(f *Flags) { f.HealthProbeBindAddress = "16911" }},
+		{"health port 0", "health-probe-bind-address", "127.0.0.1:0", func(f *Flags) { f.HealthProbeBindAddress = "127.0.0.1:0" }},
+		{"health port too large", "health-probe-bind-address", ":65536", func(f *Flags) { f.HealthProbeBindAddress = ":65536" }},
+		{"health port name", "health-probe-bind-address", "localhost:http", func(f *Flags) { f.HealthProbeBindAddress = "localhost:http" }},
+		{"health hostname", "health-probe-bind-address", "node1:16911", func(f *Flags) { f.HealthProbeBindAddress = "node1:16911" }},
+		{"health IPv6 without brackets", "health-probe-bind-address", "::1:16911", func(f *Flags) { f.HealthProbeBindAddress = "::1:16911" }},
+		{"health URL", "health-probe-bind-address", "http://127.0.0.1:16911", func(f *Flags) { f.HealthProbeBindAddress = "http://127.0.0.1:16911" }},
+		{"metrics address without port", "metrics-bind-address", "0.0.0.0", func(f *Flags) { f.MetricsBindAddress = "0.0.0.0" }},
+		{"metrics empty port", "metrics-bind-address", "127.0.0.1:", func(f *Flags) { f.MetricsBindAddress = "127.0.0.1:" }},
+		{"metrics negative port", "metrics-bind-address", ":-1", func(f *Flags) { f.MetricsBindAddress = ":-1" }},
+		{"metrics on the health port", "metrics-bind-address", ":16911", func(f *Flags) {
+			f.HealthProbeBindAddress, f.MetricsBindAddress = "127.0.0.1:16911", ":16911"
+		}},
+		{"metrics on the health port of another host", "metrics-bind-address", "10.0.0.1:16911", func(f *Flags) {
+			f.HealthProbeBindAddress, f.MetricsBindAddress = "127.0.0.1:16911", "10.0.0.1:16911"
+		}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := valid()
