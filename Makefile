@@ -1,33 +1,55 @@
-# apiserver-proxy-sidecar
+# apiserver-proxy-sidecar: `make help` lists the targets.
 
 BINARY   ?= apiserver-proxy-sidecar
 VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+IMAGE    ?= apiserver-proxy-sidecar:$(VERSION)
 GO       ?= go
 FUZZTIME ?= 30s
 
-.PHONY: all build test golden fuzz vet fmt clean
+# Tools run with `go run` at a pinned version: nothing to install.
+STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
+KUSTOMIZE   ?= sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
 
-all: build
+.DEFAULT_GOAL := help
+.PHONY: help build test golden fuzz demo image manifests verify clean
 
-build:
+help: ## List the targets
+	@awk 'BEGIN { FS = ":.*## " } /^[a-z0-9-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+build: ## Build the static binary ./apiserver-proxy-sidecar
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BINARY) .
 
-# Unit tests everywhere; the network-namespace tests run when root (they
-# skip with a message otherwise, and fail instead of skipping when CI=true).
-test: vet
-	$(GO) test -race -count=1 ./...
-
-vet:
+# The network-namespace tests run when root (they skip with a message
+# otherwise, and fail instead of skipping when CI=true). deploy/ is a module
+# of its own: `go test ./...` at the top does not enter it.
+test: ## gofmt, go vet and every test (race detector; as root also in network namespaces), deploy/ too
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
 	$(GO) vet ./...
+	cd deploy && $(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+	cd deploy && $(GO) test -count=1 ./...
 
-# Rewrite golden/ from the templates; review the diff like code.
-golden:
+golden: ## Rewrite golden/ from the templates (review the diff like code)
 	$(GO) test ./render -run TestGolden -update
 
-# Bounded fuzzing of validation and rendering.
-fuzz:
+fuzz: ## Fuzz validation and rendering for FUZZTIME (default 30s)
 	$(GO) test ./render -run '^$$' -fuzz FuzzValidateRender -fuzztime $(FUZZTIME)
 
-clean:
+demo: ## Run the sidecar in a throwaway network namespace (root: sudo make demo)
+	GO="$(GO)" hack/demo.sh
+
+image: ## Build the container image IMAGE with docker
+	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
+
+manifests: ## Render deploy/ as `kubectl kustomize deploy/` does
+	@$(GO) run $(KUSTOMIZE) build deploy/
+
+verify: ## gofmt, go vet and staticcheck, on both modules
+	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
+	$(GO) vet ./...
+	cd deploy && $(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+	cd deploy && $(GO) run $(STATICCHECK) ./...
+
+clean: ## Remove the binary
 	rm -f $(BINARY)

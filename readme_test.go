@@ -1,0 +1,90 @@
+package main
+
+import (
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+// rulesMarker introduces a fenced block of README.md that must show the
+// golden file it names, line for line.
+var rulesMarker = regexp.MustCompile(`(?m)^<!-- rules: (\S+) -->\n`)
+
+// readmeBackendLine matches the first line --dry-run prints for each family; it
+// depends on the machine, so the golden files do not hold it.
+var readmeBackendLine = regexp.MustCompile(`^# IPv[46] iptables backend: `)
+
+// TestREADMERulesMatchGolden keeps the rules README.md shows equal to the
+// reviewed golden files (which render's tests keep equal to the template).
+func TestREADMERulesMatchGolden(t *testing.T) {
+	readme := readFile(t, "README.md")
+	matches := rulesMarker.FindAllStringSubmatchIndex(readme, -1)
+	var golden []string
+	for _, m := range matches {
+		path := readme[m[2]:m[3]]
+		golden = append(golden, path)
+		block, ok := fencedBlock(readme[m[1]:])
+		if !ok {
+			t.Errorf("README.md: no fenced block right after <!-- rules: %s -->", path)
+			continue
+		}
+		var lines []string
+		for line := range strings.Lines(block) {
+			if len(lines) == 0 && readmeBackendLine.MatchString(line) {
+				continue
+			}
+			lines = append(lines, line)
+		}
+		want := slices.Collect(strings.Lines(readFile(t, path)))
+		if diff := cmp.Diff(want, lines); diff != "" {
+			t.Errorf("README.md's block after <!-- rules: %s --> differs from that file (-file +README):\n%s\ncopy the file into README.md", path, diff)
+		}
+	}
+	if !slices.Contains(golden, "golden/ipv4-default.rules") {
+		t.Error("README.md shows no rules block marked <!-- rules: golden/ipv4-default.rules -->")
+	}
+}
+
+// fencedBlock returns the content of the fenced code block s starts with.
+func fencedBlock(s string) (string, bool) {
+	open, rest, ok := strings.Cut(s, "\n")
+	if !ok || !strings.HasPrefix(open, "```") {
+		return "", false
+	}
+	if strings.HasPrefix(rest, "```") {
+		return "", true
+	}
+	block, _, ok := strings.Cut(rest, "\n```")
+	return block + "\n", ok
+}
+
+// TestREADMEMakeTargets checks that every `make TARGET` README.md names is
+// a target of the Makefile.
+func TestREADMEMakeTargets(t *testing.T) {
+	readme := readFile(t, "README.md")
+	makefile := readFile(t, "Makefile")
+	// `make X` in inline code, or a command line of a code block.
+	named := regexp.MustCompile("(?m)(?:`|^)(?:[A-Z]+=\\S+ )*(?:sudo )?make ([a-z][a-z0-9-]*)").FindAllStringSubmatch(readme, -1)
+	if len(named) == 0 {
+		t.Fatal("README.md names no make target")
+	}
+	for _, m := range named {
+		target := m[1]
+		if !regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(target) + `:`).MatchString(makefile) {
+			t.Errorf("README.md names `make %s`, which the Makefile does not define", target)
+		}
+	}
+}
+
+func readFile(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
