@@ -161,6 +161,11 @@ func usageError(stderr io.Writer, err error) int {
 // --cleanup only the cleanup (a teardown mode for preStop hooks and node
 // clean-up jobs).
 func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error {
+	// Handle SIGTERM and SIGINT from the start: a signal during start-up
+	// must not kill the process halfway. One-shot runs finish their work
+	// regardless; the daemon stops its loop.
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
 	address, err := apply.NewAddressManager(cfg.Interface, cfg.Addrs)
 	if err != nil {
 		return err
@@ -182,7 +187,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	case !cfg.Daemon && cfg.Cleanup:
 		return cleanup(sidecar)
 	case !cfg.Daemon:
-		if err := sidecar.Sync(ctx); err != nil {
+		if err := sidecar.Sync(context.WithoutCancel(ctx)); err != nil {
 			return err
 		}
 		klog.InfoS("Address and rules are in place")
@@ -194,8 +199,6 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	if err != nil {
 		return err
 	}
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	// The kernel reports changes to our address and link, and to nftables
 	// (the nft backend's rules), so drift is repaired in milliseconds; the
 	// legacy backend has no such events and relies on --sync-interval.

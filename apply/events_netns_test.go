@@ -3,6 +3,7 @@ package apply
 import (
 	"context"
 	"net/netip"
+	"strconv"
 	"testing"
 	"time"
 
@@ -82,6 +83,11 @@ func TestWatchersNetns(t *testing.T) {
 			ns.Run(t, "ip", "addr", "add", "10.96.0.2/32", "dev", "lo")
 		}
 	})
-	waitFor(TriggerLink, func() { ns.Run(t, "ip", "link", "set", "lo", "mtu", "65000") })
+	// Setting the same MTU again is no change and no event: alternate.
+	mtu := 65000
+	waitFor(TriggerLink, func() {
+		mtu = 130001 - mtu
+		ns.Run(t, "ip", "link", "set", "lo", "mtu", strconv.Itoa(mtu))
+	})
 	waitFor(TriggerNFTables, func() { ns.Run(t, "iptables-nft", "-A", "INPUT", "-j", "ACCEPT") })
 }
