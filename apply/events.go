@@ -94,64 +94,50 @@ func (w Watchers) resubscribe(ctx context.Context, what string, t Trigger, send 
 // watchAddrs sends TriggerAddress for every added or removed address equal
 // to one of ours, on any link.
 func (w Watchers) watchAddrs(ctx context.Context, send func(Trigger)) error {
-	ch := make(chan netlink.AddrUpdate, 64)
-	done := make(chan struct{})
-	defer close(done)
-	errc := make(chan error, 1)
-	err := netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{
-		Namespace: w.Namespace,
-		ErrorCallback: func(err error) {
-			select {
-			case errc <- err:
-			default:
-			}
-		},
-	})
-	if err != nil {
-		return fmt.Errorf("subscribing to address updates: %w", err)
-	}
-	send(TriggerAddress)
 	ours := map[netip.Addr]bool{}
 	for _, a := range w.Addrs {
 		ours[a] = true
 	}
-	for {
-		select {
-		case <-ctx.Done():
-			return nil
-		case err := <-errc:
-			return err
-		case u, ok := <-ch:
-			if !ok {
-				return errors.New("address updates closed")
-			}
-			if ip, ok := netip.AddrFromSlice(u.LinkAddress.IP); ok && ours[ip.Unmap()] {
-				send(TriggerAddress)
-			}
-		}
-	}
+	return watchUpdates(ctx, "address", TriggerAddress, send,
+		func(ch chan<- netlink.AddrUpdate, done <-chan struct{}, onErr func(error)) error {
+			return netlink.AddrSubscribeWithOptions(ch, done, netlink.AddrSubscribeOptions{Namespace: w.Namespace, ErrorCallback: onErr})
+		},
+		func(u netlink.AddrUpdate) bool {
+			ip, ok := netip.AddrFromSlice(u.LinkAddress.IP)
+			return ok && ours[ip.Unmap()]
+		})
 }
 
 // watchLinks sends TriggerLink for every change to the link named
 // Interface: created, deleted, set up or down.
 func (w Watchers) watchLinks(ctx context.Context, send func(Trigger)) error {
-	ch := make(chan netlink.LinkUpdate, 64)
+	return watchUpdates(ctx, "link", TriggerLink, send,
+		func(ch chan<- netlink.LinkUpdate, done <-chan struct{}, onErr func(error)) error {
+			return netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{Namespace: w.Namespace, ErrorCallback: onErr})
+		},
+		func(u netlink.LinkUpdate) bool { return u.Link != nil && u.Link.Attrs().Name == w.Interface })
+}
+
+// watchUpdates runs one rtnetlink subscription until ctx is done or it
+// fails: subscribe starts it, feeding ch until done is closed and reporting
+// errors to onErr. It sends t once subscribed, then for every update that
+// matters.
+func watchUpdates[U any](ctx context.Context, what string, t Trigger, send func(Trigger),
+	subscribe func(ch chan<- U, done <-chan struct{}, onErr func(error)) error, matters func(U) bool) error {
+	ch := make(chan U, 64)
 	done := make(chan struct{})
 	defer close(done)
 	errc := make(chan error, 1)
-	err := netlink.LinkSubscribeWithOptions(ch, done, netlink.LinkSubscribeOptions{
-		Namespace: w.Namespace,
-		ErrorCallback: func(err error) {
-			select {
-			case errc <- err:
-			default:
-			}
-		},
-	})
-	if err != nil {
-		return fmt.Errorf("subscribing to link updates: %w", err)
+	onErr := func(err error) {
+		select {
+		case errc <- err:
+		default:
+		}
 	}
-	send(TriggerLink)
+	if err := subscribe(ch, done, onErr); err != nil {
+		return fmt.Errorf("subscribing to %s updates: %w", what, err)
+	}
+	send(t)
 	for {
 		select {
 		case <-ctx.Done():
@@ -160,10 +146,10 @@ func (w Watchers) watchLinks(ctx context.Context, send func(Trigger)) error {
 			return err
 		case u, ok := <-ch:
 			if !ok {
-				return errors.New("link updates closed")
+				return fmt.Errorf("%s updates closed", what)
 			}
-			if u.Link != nil && u.Link.Attrs().Name == w.Interface {
-				send(TriggerLink)
+			if matters(u) {
+				send(t)
 			}
 		}
 	}
