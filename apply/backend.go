@@ -8,6 +8,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/vishvananda/netns"
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
@@ -23,7 +24,7 @@ type Detection struct {
 // DetectBackend runs Detect with the programs ex runs and this host's
 // /proc. It only reads.
 func DetectBackend(ctx context.Context, ex utilexec.Interface, f render.Family) (Detection, error) {
-	return runner{exec: ex, timeout: defaultTimeout}.Detect(ctx, f)
+	return runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}}.Detect(ctx, f)
 }
 
 // hintChains are the chains kubelet (and kube-proxy's canary) create in
@@ -58,16 +59,15 @@ var builtinChains = []struct {
 // the tables it lists are read: reading any other would create that legacy
 // table, or load the legacy kernel modules.
 func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) {
-	nft := BackendNFT.binary(f, toolIPTables)
 	nftErr := error(nil)
 	for _, chain := range hintChains {
-		err := r.run(ctx, nil, discard, nft, "-t", "mangle", "-S", chain)
-		if err == nil {
-			return Detection{BackendNFT, fmt.Sprintf("chain %s in mangle, seen with %s", chain, nft)}, nil
-		}
-		if !isChainNotFound(err) {
+		found, err := r.nftHasChain(ctx, f, "mangle", chain)
+		if err != nil {
 			nftErr = err
 			break
+		}
+		if found {
+			return Detection{BackendNFT, fmt.Sprintf("chain %s in mangle, seen with %s", chain, r.nftSource(f))}, nil
 		}
 	}
 
@@ -125,20 +125,54 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 	nftRules := 0
 	for _, t := range builtinChains {
 		for _, c := range t.chains {
-			err := r.run(ctx, nil, func(line string) {
-				if strings.HasPrefix(line, "-A ") {
-					nftRules++
-				}
-			}, nft, "-t", t.table, "-S", c)
+			n, err := r.nftCountRules(ctx, f, t.table, c)
 			if err != nil {
 				return Detection{}, err
 			}
+			nftRules += n
 		}
 	}
 	if legacyRules > nftRules {
 		return Detection{BackendLegacy, fmt.Sprintf("no hint chain; %d legacy rules against %d nft rules in the built-in chains", legacyRules, nftRules)}, nil
 	}
 	return Detection{BackendNFT, fmt.Sprintf("no hint chain; %d nft rules against %d legacy rules in the built-in chains", nftRules, legacyRules)}, nil
+}
+
+// nftSource names what reads the nft backend's chains, for the log.
+func (r runner) nftSource(f render.Family) string {
+	if r.nft != nil {
+		return "nfnetlink"
+	}
+	return BackendNFT.binary(f, toolIPTables)
+}
+
+// nftHasChain reports whether chain exists in table of the nft backend:
+// in-process where it can, else with iptables-nft -S.
+func (r runner) nftHasChain(ctx context.Context, f render.Family, table, chain string) (bool, error) {
+	if r.nft != nil {
+		return r.nft.hasChain(f, table, chain)
+	}
+	err := r.run(ctx, nil, discard, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
+	if isChainNotFound(err) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
+// nftCountRules returns the number of rules in chain of table of the nft
+// backend: in-process where it can, else with iptables-nft -S.
+func (r runner) nftCountRules(ctx context.Context, f render.Family, table, chain string) (int, error) {
+	if r.nft != nil {
+		_, n, err := r.nft.jumps(f, table, chain)
+		return n, err
+	}
+	n := 0
+	err := r.run(ctx, nil, func(line string) {
+		if strings.HasPrefix(line, "-A ") {
+			n++
+		}
+	}, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
+	return n, err
 }
 
 // legacyTables returns the legacy tables that exist for family f, as

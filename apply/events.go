@@ -202,59 +202,33 @@ const (
 	nftaGenID          = 1
 )
 
-// nfgenmsg is the nfnetlink header: family, version, resource id.
-type nfgenmsg struct{}
-
-func (nfgenmsg) Len() int          { return 4 }
-func (nfgenmsg) Serialize() []byte { return []byte{unix.AF_UNSPEC, 0 /* NFNETLINK_V0 */, 0, 0} }
-
 // NFTGeneration returns the nftables ruleset generation of network
 // namespace ns (netns.None(): the current one). Every committed change to
 // any nftables table, iptables-nft's included, increments it, so an
 // unchanged generation means unchanged rules.
 func NFTGeneration(ns netns.NsHandle) (uint32, error) {
-	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_NETFILTER)
-	if err != nil {
-		return 0, fmt.Errorf("opening nfnetlink socket: %w", err)
-	}
-	defer s.Close()
-	if err := s.SetReceiveTimeout(&unix.Timeval{Sec: 5}); err != nil {
-		return 0, err
-	}
-	req := nl.NewNetlinkRequest(nfnlSubsysNFTables<<8|nftMsgGetGen, unix.NLM_F_REQUEST)
-	req.AddData(nfgenmsg{})
-	if err := s.Send(req); err != nil {
-		return 0, fmt.Errorf("requesting the nftables generation: %w", err)
-	}
-	for {
-		msgs, _, err := s.Receive()
+	var gen uint32
+	found := false
+	err := nftRequest(ns, nftMsgGetGen, false, unix.AF_UNSPEC, func() {}, func(m nftMessage) error {
+		if m.typ != nftMsgNewGen {
+			return nil
+		}
+		attrs, err := nl.ParseRouteAttr(m.data)
 		if err != nil {
-			return 0, fmt.Errorf("reading the nftables generation: %w", err)
+			return fmt.Errorf("parsing the nftables generation: %w", err)
 		}
-		for _, m := range msgs {
-			switch {
-			case m.Header.Seq != req.Seq:
-				continue
-			case m.Header.Type == unix.NLMSG_ERROR:
-				if len(m.Data) >= 4 {
-					if errno := int32(binary.NativeEndian.Uint32(m.Data[:4])); errno != 0 {
-						return 0, fmt.Errorf("reading the nftables generation: %w", unix.Errno(-errno))
-					}
-				}
-				continue
-			case m.Header.Type != nfnlSubsysNFTables<<8|nftMsgNewGen || len(m.Data) < 4:
-				continue
+		for _, a := range attrs {
+			if a.Attr.Type&^unix.NLA_F_NESTED == nftaGenID && len(a.Value) == 4 {
+				gen, found = binary.BigEndian.Uint32(a.Value), true
 			}
-			attrs, err := nl.ParseRouteAttr(m.Data[4:])
-			if err != nil {
-				return 0, fmt.Errorf("parsing the nftables generation: %w", err)
-			}
-			for _, a := range attrs {
-				if a.Attr.Type&^unix.NLA_F_NESTED == nftaGenID && len(a.Value) == 4 {
-					return binary.BigEndian.Uint32(a.Value), nil
-				}
-			}
-			return 0, errors.New("nftables generation message without an id")
 		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reading the nftables generation: %w", err)
 	}
+	if !found {
+		return 0, errors.New("reading the nftables generation: no generation id in the reply")
+	}
+	return gen, nil
 }

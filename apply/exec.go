@@ -127,6 +127,9 @@ type runner struct {
 	timeout time.Duration
 	// readFile reads /proc files; nil means os.ReadFile.
 	readFile func(name string) ([]byte, error)
+	// nft reads the nft backend's chains in-process; nil means with
+	// iptables-nft -S only.
+	nft nftReader
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most
@@ -144,13 +147,20 @@ func (r runner) run(ctx context.Context, stdin []byte, line func(string), name s
 	if stdin != nil {
 		cmd.SetStdin(bytes.NewReader(stdin))
 	}
-	lw := &lineWriter{fn: line}
+	check := listingOf(name, args)
+	lw := &lineWriter{fn: func(s string) {
+		check.see(s)
+		line(s)
+	}}
 	var stderr bytes.Buffer
 	cmd.SetStdout(lw)
 	cmd.SetStderr(&stderr)
 	err := cmd.Run()
 	lw.flush()
 	if err == nil {
+		if msg := check.lacking(); msg != "" {
+			return &ToolError{Command: append([]string{name}, args...), ExitCode: 0, Stderr: stderr.String(), Err: errors.New(msg)}
+		}
 		return nil
 	}
 	te := &ToolError{Command: append([]string{name}, args...), ExitCode: -1, Stderr: stderr.String(), Err: err}
@@ -162,6 +172,67 @@ func (r runner) run(ctx context.Context, stdin []byte, line func(string), name s
 		te.Err = fmt.Errorf("%w (killed after %s)", err, r.timeout)
 	}
 	return te
+}
+
+// listing checks that the output of a listing that exited 0 is one: `-S
+// CHAIN` always prints "-P CHAIN POLICY" (built-in chain) or "-N CHAIN",
+// and `-save -t TABLE` prints "*TABLE" and "COMMIT". Output without them
+// comes from a broken or substituted program; taken for an empty chain or
+// table, it would make a sync rewrite what is in place and insert a
+// duplicate jump at every sync.
+type listing struct {
+	// chain is the chain of `-S CHAIN`, table the table of `-save -t
+	// TABLE`; both are empty for anything else, which is not checked.
+	chain, table string
+	header       bool // the "-P", "-N" or "*TABLE" line was seen
+	commit       bool
+	first        string
+	lines        int
+}
+
+func listingOf(name string, args []string) *listing {
+	l := &listing{}
+	for i := 0; i+1 < len(args); i++ {
+		switch {
+		case args[i] == "-S":
+			l.chain = args[i+1]
+		case args[i] == "-t" && strings.HasSuffix(name, string(toolSave)):
+			l.table = args[i+1]
+		}
+	}
+	return l
+}
+
+func (l *listing) see(line string) {
+	if l.lines == 0 {
+		l.first = line
+	}
+	l.lines++
+	switch {
+	case l.chain != "" && (line == "-N "+l.chain || strings.HasPrefix(line, "-P "+l.chain+" ")):
+		l.header = true
+	case l.table != "" && line == "*"+l.table:
+		l.header = true
+	case l.table != "" && l.header && line == "COMMIT":
+		l.commit = true
+	}
+}
+
+// lacking says what the output lacks to be a listing, or "" if nothing.
+func (l *listing) lacking() string {
+	var want string
+	switch {
+	case l.chain != "" && !l.header:
+		want = fmt.Sprintf("no %q or %q line", "-N "+l.chain, "-P "+l.chain)
+	case l.table != "" && (!l.header || !l.commit):
+		want = fmt.Sprintf("no %q ... %q block", "*"+l.table, "COMMIT")
+	default:
+		return ""
+	}
+	if l.lines == 0 {
+		return "exited 0 without output, " + want + ": not a listing"
+	}
+	return fmt.Sprintf("exited 0 with %s in %d lines of output (the first: %q): not a listing", want, l.lines, l.first)
 }
 
 // lineWriter calls fn for each complete line written to it.

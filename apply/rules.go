@@ -64,7 +64,7 @@ const defaultLockWait = 5 * time.Second
 // iptables-restore and the backend choice are reported to o.
 func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
-		run:      runner{exec: ex, timeout: defaultTimeout},
+		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}},
 		want:     backend,
 		ruleset:  rs,
 		lockWait: defaultLockWait,
@@ -279,9 +279,11 @@ type tableState struct {
 // see the README):
 //   - nft: iptables-nft-save and a whole-table -S read the whole table or
 //     ruleset from the kernel, about a second and 70 MB on a large node,
-//     whatever -t says; "-t TABLE -S CHAIN" fetches one chain and costs a
-//     few milliseconds flat. So we list each chain we care about on its own:
-//     our chains and the built-in chains we jump from.
+//     whatever -t says; "-t TABLE -S CHAIN" fetches one chain but still
+//     costs a process. So we ask the kernel over nfnetlink for our chains
+//     and the built-in chains we jump from, one by one, in-process, and
+//     recognise what we wrote (readChainNFT, bareJumps). Only what we do
+//     not recognise is listed with "-t TABLE -S CHAIN", as text.
 //   - legacy: the kernel hands over a whole table on every read, so listing
 //     one chain costs as much as the table, and iptables-legacy -S takes the
 //     xtables lock. iptables-legacy-save -t TABLE reads the table once and
@@ -304,17 +306,100 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 	}
 	list := b.binary(f, toolIPTables)
 	for _, c := range t.Chains {
+		if r.run.nft != nil {
+			known, err := r.readChainNFT(t, c, collect)
+			if err != nil {
+				return st, err
+			}
+			if known {
+				continue
+			}
+		}
 		err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", c.Name)
 		if err != nil && !isChainNotFound(err) {
 			return st, err
 		}
 	}
 	for _, hook := range hooks(t) {
+		if r.run.nft != nil {
+			bare, err := r.bareJumps(t, hook)
+			if err != nil {
+				return st, err
+			}
+			if bare != nil {
+				for _, rule := range bare {
+					collect(rule)
+				}
+				continue
+			}
+		}
 		if err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", hook); err != nil {
 			return st, err
 		}
 	}
 	return st, nil
+}
+
+// readChainNFT reads our chain c in-process and, when it is missing, empty
+// or holds exactly our rendered rules, hands collect the lines `iptables
+// -S` would print for it and returns true. Otherwise (some rule differs, or
+// is stored in a form wantExprs does not know) it returns false: only
+// iptables-nft can tell what the rules are then.
+func (r *Rules) readChainNFT(t render.Table, c render.Chain, collect func(string)) (bool, error) {
+	f := r.ruleset.Family
+	got, err := r.run.nft.exprs(f, t.Name, c.Name)
+	if err != nil {
+		return false, err
+	}
+	if len(got) == 0 {
+		exists, err := r.run.nft.hasChain(f, t.Name, c.Name)
+		if err != nil || !exists {
+			return !exists, err
+		}
+	}
+	if len(got) != len(c.Rules) && len(got) != 0 {
+		return false, nil
+	}
+	for i, exprs := range got {
+		want, ok := wantExprs(f, c.Rules[i])
+		if !ok || !slices.Equal(want, exprs) {
+			return false, nil
+		}
+	}
+	collect("-N " + c.Name)
+	if len(got) > 0 {
+		for _, rule := range c.Rules {
+			collect(rule)
+		}
+	}
+	return true, nil
+}
+
+// bareJumps reads built-in chain hook of table t in-process and returns
+// its rules that target our chains as `iptables -S` prints them, when each
+// of them is a plain jump ("-A HOOK -j CHAIN"): the only form we write. It
+// returns nil when any rule targeting our chains has another form; only
+// iptables-nft can print that one as text, for repair to delete it.
+func (r *Rules) bareJumps(t render.Table, hook string) ([]string, error) {
+	ours := map[string]bool{}
+	for _, c := range t.Chains {
+		ours[c.Name] = true
+	}
+	jumps, _, err := r.run.nft.jumps(r.ruleset.Family, t.Name, hook)
+	if err != nil {
+		return nil, err
+	}
+	lines := []string{}
+	for _, j := range jumps {
+		if !ours[j.Target] {
+			continue
+		}
+		if !j.Bare {
+			return nil, nil
+		}
+		lines = append(lines, "-A "+hook+" -j "+j.Target)
+	}
+	return lines, nil
 }
 
 // collector returns a function that takes one line of `iptables -S` or

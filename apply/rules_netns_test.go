@@ -53,6 +53,7 @@ func newNSRules(t *testing.T, ns *netnstest.NS, ex utilexec.Interface, b Backend
 	r := NewRules(ex, b, rs, &Counts{})
 	h := ns.NetNS(t)
 	r.generation = func() (uint32, error) { return NFTGeneration(h) }
+	r.run.nft = nftables{ns: h}
 	r.run.readFile = func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {

@@ -72,6 +72,7 @@ func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]strin
 	r := NewRules(fakeExec(t, calls...), b, rs, stats)
 	r.run.readFile = fakeProc(proc)
 	r.generation = nil // tests of the generation set their own
+	r.run.nft = nil    // the fake runs programs; nftables_netns_test.go reads the kernel
 	return r, stats
 }
 
@@ -441,5 +442,162 @@ func TestRulesReadWhenGenerationFails(t *testing.T) {
 	}
 	if stats.Skipped.Load() != 0 {
 		t.Error("a sync was skipped without a generation")
+	}
+}
+
+// fakeNFT is an nftReader over a fixed state, by "table/chain": the chains
+// that exist, the jumps in each built-in chain, and the expressions of
+// rules in our chains.
+type fakeNFT struct {
+	chains map[string]bool
+	rules  map[string][]nftRule
+	stored map[string][][]string
+}
+
+func (f fakeNFT) hasChain(_ render.Family, table, chain string) (bool, error) {
+	return f.chains[table+"/"+chain], nil
+}
+
+// exprs answers from stored, or for an existing chain not in stored as if
+// its rule were stored in a form this reader does not know: such a chain
+// is then listed as text.
+func (f fakeNFT) exprs(_ render.Family, table, chain string) ([][]string, error) {
+	if e, ok := f.stored[table+"/"+chain]; ok {
+		return e, nil
+	}
+	if f.chains[table+"/"+chain] {
+		return [][]string{{"unknown"}}, nil
+	}
+	return nil, nil
+}
+
+func (f fakeNFT) jumps(_ render.Family, table, chain string) ([]nftRule, int, error) {
+	j := f.rules[table+"/"+chain]
+	return j, len(j), nil
+}
+
+// storedAsRendered is what the nftables expressions of our chains are when
+// they hold the rendered rules.
+func storedAsRendered(t *testing.T, rs *render.Ruleset) map[string][][]string {
+	t.Helper()
+	out := map[string][][]string{}
+	for _, tb := range rs.Tables {
+		for _, c := range tb.Chains {
+			var rules [][]string
+			for _, rule := range c.Rules {
+				e, ok := wantExprs(rs.Family, rule)
+				if !ok {
+					t.Fatalf("no expressions for %q", rule)
+				}
+				rules = append(rules, e)
+			}
+			out[tb.Name+"/"+c.Name] = rules
+		}
+	}
+	return out
+}
+
+func TestRulesSyncNFTReadsInProcess(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	jump := func(target string) nftRule { return nftRule{Verdict: "jump", Target: target, Bare: true} }
+	allChains := map[string]bool{
+		"raw/APISERVER-PROXY-PREROUTING": true, "raw/APISERVER-PROXY-OUTPUT": true,
+		"filter/APISERVER-PROXY-INPUT": true, "filter/APISERVER-PROXY-OUTPUT": true,
+	}
+	allJumps := map[string][]nftRule{
+		"raw/PREROUTING": {jump("APISERVER-PROXY-PREROUTING"), {Verdict: "jump", Target: "CILIUM-PRE-raw"}},
+		"raw/OUTPUT":     {jump("APISERVER-PROXY-OUTPUT")},
+		"filter/INPUT":   {{Verdict: "jump", Target: "KUBE-FIREWALL", Bare: true}, jump("APISERVER-PROXY-INPUT")},
+		"filter/OUTPUT":  {jump("APISERVER-PROXY-OUTPUT")},
+	}
+	list := func(table, chain, out string) call {
+		return call{argv: "iptables-nft -t " + table + " -S " + chain, stdout: out}
+	}
+	ourListings := []call{
+		list("raw", "APISERVER-PROXY-PREROUTING", rawPre),
+		list("raw", "APISERVER-PROXY-OUTPUT", rawOut),
+		list("filter", "APISERVER-PROXY-INPUT", filterIn),
+		list("filter", "APISERVER-PROXY-OUTPUT", filterOut),
+	}
+	for _, tc := range []struct {
+		name   string
+		nft    fakeNFT
+		calls  []call
+		drifts []string
+	}{
+		{
+			name:  "converged: our four chains are listed, the built-in chains are not",
+			nft:   fakeNFT{chains: allChains, rules: allJumps},
+			calls: ourListings,
+		},
+		{
+			name:  "converged and stored as iptables-nft stores our rules: nothing runs",
+			nft:   fakeNFT{chains: allChains, rules: allJumps, stored: storedAsRendered(t, rs)},
+			calls: nil,
+		},
+		{
+			name: "a flushed chain is rewritten without any listing",
+			nft: fakeNFT{chains: allChains, rules: allJumps, stored: func() map[string][][]string {
+				s := storedAsRendered(t, rs)
+				s["filter/APISERVER-PROXY-INPUT"] = nil
+				return s
+			}()},
+			calls: []call{{argv: restoreNFT, stdin: "*filter\n:APISERVER-PROXY-INPUT - [0:0]\n" +
+				"-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\nCOMMIT\n"}},
+			drifts: []string{"filter chain APISERVER-PROXY-INPUT: rules differ (0 listed, 1 rendered)"},
+		},
+		{
+			name:  "fresh node: nothing is listed, the payload is loaded",
+			nft:   fakeNFT{},
+			calls: []call{{argv: restoreNFT, stdin: string(rs.Payload())}},
+			drifts: []string{
+				"raw chain APISERVER-PROXY-PREROUTING: missing",
+				"raw chain APISERVER-PROXY-OUTPUT: missing",
+				"raw jump APISERVER-PROXY-PREROUTING: missing from PREROUTING",
+				"raw jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+				"filter chain APISERVER-PROXY-INPUT: missing",
+				"filter chain APISERVER-PROXY-OUTPUT: missing",
+				"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
+				"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+			},
+		},
+		{
+			name: "duplicated bare jump is repaired without listing the built-in chain",
+			nft: fakeNFT{chains: allChains, rules: map[string][]nftRule{
+				"raw/PREROUTING": allJumps["raw/PREROUTING"], "raw/OUTPUT": allJumps["raw/OUTPUT"],
+				"filter/INPUT":  {jump("APISERVER-PROXY-INPUT"), jump("APISERVER-PROXY-INPUT")},
+				"filter/OUTPUT": allJumps["filter/OUTPUT"],
+			}},
+			calls: append(ourListings[:4:4], call{argv: restoreNFT,
+				stdin: "*filter\n-D INPUT -j APISERVER-PROXY-INPUT\n-D INPUT -j APISERVER-PROXY-INPUT\n-I INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n"}),
+			drifts: []string{"filter jump APISERVER-PROXY-INPUT: 2 copies in INPUT"},
+		},
+		{
+			name: "a jump of another form is listed as text, to be deleted as printed",
+			nft: fakeNFT{chains: allChains, rules: map[string][]nftRule{
+				"raw/PREROUTING": allJumps["raw/PREROUTING"], "raw/OUTPUT": allJumps["raw/OUTPUT"],
+				"filter/INPUT":  allJumps["filter/INPUT"],
+				"filter/OUTPUT": {{Verdict: "goto", Target: "APISERVER-PROXY-OUTPUT"}},
+			}},
+			calls: append(ourListings[:4:4],
+				list("filter", "OUTPUT", "-P OUTPUT ACCEPT\n-A OUTPUT -g APISERVER-PROXY-OUTPUT\n"),
+				call{argv: restoreNFT, stdin: "*filter\n-D OUTPUT -g APISERVER-PROXY-OUTPUT\n-I OUTPUT -j APISERVER-PROXY-OUTPUT\nCOMMIT\n"}),
+			drifts: []string{
+				`filter jump APISERVER-PROXY-OUTPUT: unexpected rule "-A OUTPUT -g APISERVER-PROXY-OUTPUT"`,
+				"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+			},
+		},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r, _ := newRules(t, BackendNFT, rs, nil, tc.calls...)
+			r.run.nft = tc.nft
+			drifts, err := r.Sync(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if diff := cmp.Diff(tc.drifts, driftStrings(drifts)); diff != "" {
+				t.Errorf("drifts (-want +got):\n%s", diff)
+			}
+		})
 	}
 }
