@@ -177,12 +177,14 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	if cfg.SetupIPTables {
 		ex := utilexec.New()
 		for _, rs := range rulesets {
-			rules = append(rules, apply.NewRules(ex, apply.Backend(cfg.Backend), rs, tel))
+			r := apply.NewRules(ex, apply.Backend(cfg.Backend), rs, tel)
+			r.SetTimeout(cfg.IPTablesTimeout)
+			rules = append(rules, r)
 		}
 	}
 	sidecar := apply.NewSidecar(address, rules, tel)
 	klog.InfoS("Starting", "version", version, "addresses", cfg.Addrs, "port", cfg.Port, "interface", cfg.Interface,
-		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)
+		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "iptablesTimeout", cfg.IPTablesTimeout, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)
 
 	switch {
 	case !cfg.Daemon && cfg.Cleanup:

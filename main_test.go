@@ -66,6 +66,7 @@ func TestBadInputExits2(t *testing.T) {
 		{"zero sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0"}, `"0s" for --sync-interval`},
 		{"negative sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "-5s"}, `"-5s" for --sync-interval`},
 		{"sync interval not a duration", []string{"--ip-address", "10.96.0.2", "--sync-interval", "often"}, `"often" for "--sync-interval"`},
+		{"iptables timeout within the lock wait", []string{"--ip-address", "10.96.0.2", "--iptables-timeout", "2s"}, `"2s" for --iptables-timeout`},
 		{"newline in address", []string{"--ip-address", "10.96.0.2\n-A INPUT -j DROP"}, `--ip-address`},
 		{"newline in port", []string{"--ip-address", "10.96.0.2", "--port", "443\n"}, `--port`},
 		{"newline in interface", []string{"--ip-address", "10.96.0.2", "--interface", "lo\n"}, `--interface`},

@@ -166,20 +166,14 @@ func TestRulesAutoChoosesDetectedBackend(t *testing.T) {
 	// Detect legacy by its hint, write there, then find nothing of ours in
 	// nft; a second sync is converged and reads legacy alone.
 	names := map[string]string{ipTablesNames: "mangle\nraw\nfilter\n"}
-	legacyConverged := []call{
-		{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
-		{argv: "iptables-legacy-save -t filter", stdout: "*filter\n:APISERVER-PROXY-INPUT - [0:0]\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
-			"-A INPUT -j APISERVER-PROXY-INPUT\n-A OUTPUT -j APISERVER-PROXY-OUTPUT\n" +
-			"-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\n" +
-			"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\nCOMMIT\n"},
-	}
 	calls := append(nftHints("iptables-nft"),
 		call{argv: "iptables-legacy-save -t mangle", stdout: legacyMangle + ":KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n"},
 		call{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
 		call{argv: "iptables-legacy-save -t filter", stdout: "*filter\nCOMMIT\n"},
 		call{argv: "iptables-legacy-restore --noflush --wait=5", stdin: "*filter\n" + strings.SplitN(string(rs.Payload()), "*filter\n", 2)[1]})
+	calls = append(calls, legacyConverged()...)
 	calls = append(calls, noneOfOursNFT("iptables-nft")...)
-	calls = append(calls, legacyConverged...)
+	calls = append(calls, legacyConverged()...)
 	r, _ := newRules(t, BackendAuto, rs, names, calls...)
 	for i := range 2 {
 		if _, err := r.Sync(context.Background()); err != nil {
@@ -230,6 +224,7 @@ func TestRulesRedetectsWhenOursMoved(t *testing.T) {
 		call{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
 		call{argv: "iptables-legacy-save -t filter", stdout: "*filter\nCOMMIT\n"},
 		call{argv: "iptables-legacy-restore --noflush --wait=5", stdin: "*filter\n" + strings.SplitN(string(rs.Payload()), "*filter\n", 2)[1]})
+	calls = append(calls, legacyConverged()...)
 	calls = append(calls, noneOfOursNFT("iptables-nft")...)
 	r, _ := newRules(t, BackendAuto, rs, names, calls...)
 	for i := range 2 {

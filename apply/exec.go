@@ -5,7 +5,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
+	"sync"
 	"time"
 
 	utilexec "k8s.io/utils/exec"
@@ -153,9 +155,25 @@ func (r runner) run(ctx context.Context, stdin []byte, line func(string), name s
 		line(s)
 	}}
 	var stderr bytes.Buffer
-	cmd.SetStdout(lw)
-	cmd.SetStderr(&stderr)
-	err := cmd.Run()
+	out := &outputs{}
+	cmd.SetStdout(out.writer(lw))
+	cmd.SetStderr(out.writer(&stderr))
+	done := make(chan error, 1)
+	go func() { done <- cmd.Run() }()
+	var err error
+	select {
+	case err = <-done:
+	case <-ctx.Done():
+		// The program is killed; a process it started (a wrapper
+		// script's child) may still hold its output open, and Run
+		// waits for that to close.
+		select {
+		case err = <-done:
+		case <-time.After(outputGrace):
+			return &ToolError{Command: append([]string{name}, args...), ExitCode: -1, Stderr: out.abandon(&stderr),
+				Err: fmt.Errorf("killed after %s, but a process it started still holds its output open: not waiting for it", r.timeout)}
+		}
+	}
 	lw.flush()
 	if err == nil {
 		if msg := check.lacking(); msg != "" {
@@ -234,6 +252,40 @@ func (l *listing) lacking() string {
 	}
 	return fmt.Sprintf("exited 0 with %s in %d lines of output (the first: %q): not a listing", want, l.lines, l.first)
 }
+
+// outputGrace bounds the wait for a killed program's output to close.
+const outputGrace = 2 * time.Second
+
+// outputs guards a program's stdout and stderr writers, so that once run
+// stops waiting for the program, whatever it still writes is dropped
+// rather than raced with.
+type outputs struct {
+	mu        sync.Mutex
+	abandoned bool
+}
+
+func (o *outputs) writer(w io.Writer) io.Writer {
+	return writerFunc(func(p []byte) (int, error) {
+		o.mu.Lock()
+		defer o.mu.Unlock()
+		if o.abandoned {
+			return len(p), nil
+		}
+		return w.Write(p)
+	})
+}
+
+// abandon drops all later output and returns what stderr holds.
+func (o *outputs) abandon(stderr *bytes.Buffer) string {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	o.abandoned = true
+	return stderr.String()
+}
+
+type writerFunc func([]byte) (int, error)
+
+func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
 // lineWriter calls fn for each complete line written to it.
 type lineWriter struct {

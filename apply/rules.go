@@ -75,6 +75,9 @@ func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Obse
 	}
 }
 
+// SetTimeout bounds each iptables program these rules run (default 30s).
+func (r *Rules) SetTimeout(d time.Duration) { r.run.timeout = d }
+
 // Family is the address family these rules are for.
 func (r *Rules) Family() render.Family { return r.ruleset.Family }
 
@@ -152,6 +155,9 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		if err := r.restore(ctx, r.backend, payload); err != nil {
 			return drifts, err
 		}
+		if err := r.readBack(ctx); err != nil {
+			return drifts, err
+		}
 	}
 	if !r.otherClean {
 		if err := r.cleanupIn(ctx, r.backend.other()); err != nil {
@@ -165,6 +171,37 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		r.verifiedGen, r.verifiedAt = gen, started
 	}
 	return drifts, nil
+}
+
+// readBack reads our chains and jumps again right after a write and
+// returns an error if they still differ from the rendered ruleset: an
+// iptables-restore that exits 0 without loading its input (a broken or
+// substituted program), or another writer changing our chains at the same
+// moment, would otherwise pass for a repair. It writes nothing; the next
+// sync does. With nft, a read-back that finds everything in place records
+// the generation, so the event our own write caused costs no read.
+func (r *Rules) readBack(ctx context.Context) error {
+	gen, genOK := r.readGeneration()
+	started := time.Now()
+	states, err := r.readAll(ctx, r.backend)
+	if err != nil {
+		return fmt.Errorf("reading back after %s: %w", r.backend.binary(r.ruleset.Family, toolRestore), err)
+	}
+	var still []string
+	for i, t := range r.ruleset.Tables {
+		_, d := repair(t, states[i])
+		for _, x := range d {
+			still = append(still, x.String())
+		}
+	}
+	if len(still) > 0 {
+		return fmt.Errorf("rules still differ right after %s succeeded (it did not load them, or another writer changed them meanwhile): %s",
+			r.backend.binary(r.ruleset.Family, toolRestore), strings.Join(still, "; "))
+	}
+	if genOK {
+		r.verifiedGen, r.verifiedAt = gen, started
+	}
+	return nil
 }
 
 // readGeneration returns the nftables generation when the backend in use

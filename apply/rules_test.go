@@ -6,6 +6,7 @@ import (
 	"io"
 	"io/fs"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -23,6 +24,7 @@ type call struct {
 	stdout string
 	stderr string
 	exit   int
+	run    func() // called when the program runs; nil for nothing
 }
 
 // fakeExec returns an exec fake that expects exactly calls, in order, and
@@ -38,6 +40,9 @@ func fakeExec(t *testing.T, calls ...call) utilexec.Interface {
 			}
 			fc := &testingexec.FakeCmd{Argv: append([]string{name}, args...)}
 			fc.RunScript = []testingexec.FakeAction{func() ([]byte, []byte, error) {
+				if c.run != nil {
+					c.run()
+				}
 				stdin := ""
 				if fc.Stdin != nil {
 					b, _ := io.ReadAll(fc.Stdin)
@@ -142,6 +147,21 @@ func converged() []call {
 	return nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut, hookIn, hookOut)
 }
 
+// readBack is what a sync reads right after its write: with nft (listed
+// with iptables-nft -S) the listings of a node where everything is in place.
+func readBack() []call { return converged() }
+
+// legacyConverged is the read of a legacy node where everything is in place.
+func legacyConverged() []call {
+	return []call{
+		{argv: "iptables-legacy-save -t raw", stdout: legacyRawSave},
+		{argv: "iptables-legacy-save -t filter", stdout: "*filter\n:APISERVER-PROXY-INPUT - [0:0]\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
+			"-A INPUT -j APISERVER-PROXY-INPUT\n-A OUTPUT -j APISERVER-PROXY-OUTPUT\n" +
+			"-A APISERVER-PROXY-INPUT -d 10.96.0.2/32 -p tcp -m tcp --dport 443 -j ACCEPT\n" +
+			"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\nCOMMIT\n"},
+	}
+}
+
 func TestRulesSyncNFT(t *testing.T) {
 	rs := ruleset(t, "10.96.0.2")
 	for _, tc := range []struct {
@@ -220,7 +240,11 @@ func TestRulesSyncNFT(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r, stats := newRules(t, BackendNFT, rs, nil, tc.calls...)
+			calls := tc.calls
+			if strings.Contains(calls[len(calls)-1].argv, "restore") {
+				calls = append(calls[:len(calls):len(calls)], readBack()...)
+			}
+			r, stats := newRules(t, BackendNFT, rs, nil, calls...)
 			drifts, err := r.Sync(context.Background())
 			if err != nil {
 				t.Fatal(err)
@@ -251,6 +275,8 @@ func TestRulesSyncIPv6UsesIP6Tables(t *testing.T) {
 	rs := ruleset(t, "fd00::2")
 	calls := append(nftListing("ip6tables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"),
 		call{argv: restoreNFTv6, stdin: string(rs.Payload())})
+	v6 := func(listing string) string { return strings.ReplaceAll(listing, "10.96.0.2/32", "fd00::2/128") }
+	calls = append(calls, nftListing("ip6tables-nft", v6(rawPre), v6(rawOut), hookPre, hookRawOut, v6(filterIn), v6(filterOut), hookIn, hookOut)...)
 	r, _ := newRules(t, BackendNFT, rs, nil, calls...)
 	if _, err := r.Sync(context.Background()); err != nil {
 		t.Fatal(err)
@@ -348,7 +374,8 @@ func TestRulesSyncLegacy(t *testing.T) {
 			{argv: "iptables-legacy-save -t filter", stdout: legacyFilterSave},
 			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: "*filter\n:APISERVER-PROXY-OUTPUT - [0:0]\n" +
 				"-A APISERVER-PROXY-OUTPUT -s 10.96.0.2/32 -p tcp -m tcp --sport 443 -j ACCEPT\n-I OUTPUT -j APISERVER-PROXY-OUTPUT\nCOMMIT\n"},
-		}, noneOfOursNFT("iptables-nft")...)
+		}, legacyConverged()...)
+		calls = append(calls, noneOfOursNFT("iptables-nft")...)
 		r, _ := newRules(t, BackendLegacy, rs, map[string]string{ipTablesNames: "mangle\nfilter\nraw\n"}, calls...)
 		drifts, err := r.Sync(context.Background())
 		if err != nil {
@@ -360,11 +387,15 @@ func TestRulesSyncLegacy(t *testing.T) {
 		}
 	})
 	t.Run("fresh node: only the tables the kernel lists are read", func(t *testing.T) {
+		tables := "raw\n" // the restore creates filter
 		calls := append([]call{
 			{argv: "iptables-legacy-save -t raw", stdout: "*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n"},
-			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: string(rs.Payload())},
-		}, noneOfOursNFT("iptables-nft")...)
-		r, _ := newRules(t, BackendLegacy, rs, map[string]string{ipTablesNames: "raw\n"}, calls...)
+			{argv: "iptables-legacy-restore --noflush --wait=5", stdin: string(rs.Payload()),
+				run: func() { tables = "raw\nfilter\n" }},
+		}, legacyConverged()...)
+		calls = append(calls, noneOfOursNFT("iptables-nft")...)
+		r, _ := newRules(t, BackendLegacy, rs, nil, calls...)
+		r.run.readFile = func(string) ([]byte, error) { return []byte(tables), nil }
 		if _, err := r.Sync(context.Background()); err != nil {
 			t.Fatal(err)
 		}
@@ -412,11 +443,13 @@ func TestRulesSkipWhileGenerationUnchanged(t *testing.T) {
 	rs := ruleset(t, "10.96.0.2")
 	gen := uint32(7)
 	// 1: converged, generation recorded. 2: same generation, nothing run.
-	// 3: generation moved, read again: a jump is gone, written. 4: the
-	// write's own change moves the generation; read, converged. 5: skipped.
+	// 3: generation moved, read again: a jump is gone, written, read back.
+	// 4: the generation moved again (another writer); read, converged.
+	// 5: skipped.
 	calls := converged()
 	calls = append(calls, nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut, "-P INPUT ACCEPT\n", hookOut)...)
 	calls = append(calls, call{argv: restoreNFT, stdin: "*filter\n-I INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n"})
+	calls = append(calls, readBack()...)
 	calls = append(calls, converged()...)
 	r, stats := newRules(t, BackendNFT, rs, nil, calls...)
 	r.generation = func() (uint32, error) { return gen, nil }
@@ -589,7 +622,16 @@ func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r, _ := newRules(t, BackendNFT, rs, nil, tc.calls...)
+			var r *Rules
+			calls := slices.Clone(tc.calls)
+			if n := len(calls); n > 0 && strings.Contains(calls[n-1].argv, "restore") {
+				// The write puts everything in place, as the read-back
+				// after it then finds, in-process.
+				calls[n-1].run = func() {
+					r.run.nft = fakeNFT{chains: allChains, rules: allJumps, stored: storedAsRendered(t, rs)}
+				}
+			}
+			r, _ = newRules(t, BackendNFT, rs, nil, calls...)
 			r.run.nft = tc.nft
 			drifts, err := r.Sync(context.Background())
 			if err != nil {
@@ -599,5 +641,25 @@ func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 				t.Errorf("drifts (-want +got):\n%s", diff)
 			}
 		})
+	}
+}
+
+// A restore that exits 0 without loading anything must not pass for a
+// repair: the read-back after it finds the same drift and fails the sync,
+// and nothing is written a second time.
+func TestRulesReadBackCatchesARestoreThatLoadedNothing(t *testing.T) {
+	rs := ruleset(t, "10.96.0.2")
+	calls := append(noneOfOursNFT("iptables-nft"), call{argv: restoreNFT, stdin: string(rs.Payload())})
+	calls = append(calls, noneOfOursNFT("iptables-nft")...)
+	r, stats := newRules(t, BackendNFT, rs, nil, calls...)
+	drifts, err := r.Sync(context.Background())
+	if err == nil || !strings.Contains(err.Error(), "rules still differ right after iptables-nft-restore succeeded") {
+		t.Fatalf("error %v, want one saying the rules still differ after the restore", err)
+	}
+	if len(drifts) != 8 {
+		t.Errorf("%d drifts returned, want the 8 the write was for", len(drifts))
+	}
+	if got := stats.Restores.Load(); got != 1 {
+		t.Errorf("%d restores ran, want 1", got)
 	}
 }

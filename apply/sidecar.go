@@ -26,10 +26,13 @@ func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
 func (s *Sidecar) Sync(ctx context.Context) error {
-	return s.verify(ctx, TriggerStartup)
+	_, err := s.verify(ctx, TriggerStartup)
+	return err
 }
 
-func (s *Sidecar) verify(ctx context.Context, trigger Trigger) error {
+// verify syncs once and returns how many repairs it made, failed ones
+// included.
+func (s *Sidecar) verify(ctx context.Context, trigger Trigger) (int, error) {
 	s.observer.Verification(string(trigger))
 	res := SyncResult{Started: time.Now()}
 	repairs, err := s.address.Ensure()
@@ -45,10 +48,13 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger) error {
 	for _, r := range s.rules {
 		drifts, err := r.Sync(ctx)
 		for _, d := range drifts {
-			klog.InfoS("Repaired rules", "family", r.Family(), "table", d.Table, "object", d.Object, "chain", d.Chain, "drift", d.What)
-			if err == nil {
-				s.observer.Repaired(d.Object)
+			if err != nil {
+				// The write may not have happened: never claim a repair.
+				klog.InfoS("Rules drifted; repair failed", "family", r.Family(), "table", d.Table, "object", d.Object, "chain", d.Chain, "drift", d.What)
+				continue
 			}
+			klog.InfoS("Repaired rules", "family", r.Family(), "table", d.Table, "object", d.Object, "chain", d.Chain, "drift", d.What)
+			s.observer.Repaired(d.Object)
 		}
 		drifted += len(drifts)
 		if err != nil {
@@ -59,7 +65,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger) error {
 	res.Duration = time.Since(res.Started)
 	s.observer.SyncFinished(res)
 	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil)
-	return res.Err()
+	return len(repairs) + drifted, res.Err()
 }
 
 // Debounce of event-triggered verifications: one runs once events have
@@ -72,15 +78,27 @@ const (
 	debounceMax   = 100 * time.Millisecond
 )
 
+// holdAfter is how many syncs in a row may repair or fail before
+// verifications on events are held back. Where repairs do not stick (a
+// restore program that stores rules in a form that lists differently,
+// another agent reverting ours at once), every write of ours is an
+// nftables event that triggers the verification that writes again: a loop
+// at the speed of the debounce. From the holdAfter-th such sync on, a
+// verification on events waits debounceMax, doubling with each further
+// one up to the interval, until a sync finds nothing to repair. Interval
+// syncs are never held back.
+const holdAfter = 3
+
 // Run syncs at once, then whenever events report a change that may concern
 // us (debounced), and every interval, until ctx is done. Failures are
 // logged and retried at the next trigger; they never end the loop. A sync
 // in progress when ctx is done runs to its end, so that a signal never
 // cuts a write short. events may be nil.
 func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan Trigger) {
-	failures := 0
+	failures, unsettled := 0, 0
+	var holdUntil time.Time // no verification on events before
 	sync := func(t Trigger) {
-		err := s.verify(context.WithoutCancel(ctx), t)
+		repairs, err := s.verify(context.WithoutCancel(ctx), t)
 		switch {
 		case err != nil:
 			failures++
@@ -88,6 +106,25 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		case failures > 0:
 			klog.InfoS("Sync succeeded again", "afterFailures", failures)
 			failures = 0
+		}
+		if err == nil && repairs == 0 {
+			if unsettled >= holdAfter {
+				klog.InfoS("Nothing to repair again; verifying on events at once", "afterSyncs", unsettled)
+			}
+			unsettled, holdUntil = 0, time.Time{}
+			return
+		}
+		unsettled++
+		if unsettled < holdAfter {
+			return
+		}
+		hold := min(debounceMax<<min(unsettled-holdAfter, 20), interval)
+		holdUntil = time.Now().Add(hold)
+		if unsettled == holdAfter {
+			klog.InfoS("Repairs do not stick; holding back verifications on events, longer each time, until one finds nothing to repair",
+				"consecutiveSyncs", unsettled, "holdOff", hold, "maxHoldOff", interval)
+		} else {
+			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", unsettled, "holdOff", hold)
 		}
 	}
 	sync(TriggerStartup)
@@ -97,6 +134,11 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 	timer.Stop()
 	defer timer.Stop()
 	d := debounce{quiet: debounceQuiet, max: debounceMax}
+	// due is how long until a pending verification on events may run.
+	due := func(now time.Time) (time.Duration, bool) {
+		wait, pending := d.due(now)
+		return max(wait, holdUntil.Sub(now)), pending
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -107,10 +149,10 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			sync(TriggerInterval)
 		case t := <-events:
 			d.add(time.Now(), t)
-			wait, _ := d.due(time.Now())
+			wait, _ := due(time.Now())
 			timer.Reset(wait)
 		case <-timer.C:
-			if wait, pending := d.due(time.Now()); pending && wait > 0 {
+			if wait, pending := due(time.Now()); pending && wait > 0 {
 				timer.Reset(wait)
 			} else if pending {
 				sync(d.take())

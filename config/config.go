@@ -24,9 +24,11 @@ type Flags struct {
 	SyncInterval  time.Duration
 	SetupIPTables bool
 	Backend       string
-	Cleanup       bool
-	Daemon        bool
-	DryRun        bool
+	// IPTablesTimeout bounds each iptables program.
+	IPTablesTimeout time.Duration
+	Cleanup         bool
+	Daemon          bool
+	DryRun          bool
 	// HealthProbeBindAddress and MetricsBindAddress are host:port, or ""
 	// or "0" for off.
 	HealthProbeBindAddress string
@@ -35,8 +37,8 @@ type Flags struct {
 
 // AddFlags registers the sidecar's own flags on fs with their defaults.
 // Names, defaults and meanings are those of the original sidecar; --dry-run,
-// --iptables-backend and the two bind addresses (named as controller-runtime
-// names them) are new.
+// --iptables-backend, --iptables-timeout and the two bind addresses (named
+// as controller-runtime names them) are new.
 func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one IPv4 address, one IPv6 address, or one of each separated by a comma.")
 	fs.StringVar(&f.Port, "port", "443", "[optional] port on which the proxy is listening.")
@@ -44,6 +46,7 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
 	fs.BoolVar(&f.SetupIPTables, "setup-iptables", false, "[optional] indicates whether iptables rules should be setup.")
 	fs.StringVar(&f.Backend, "iptables-backend", "auto", "[optional] iptables backend the rules are written with: auto (detect the one the node's kube-proxy and kubelet use), nft or legacy.")
+	fs.DurationVar(&f.IPTablesTimeout, "iptables-timeout", 30*time.Second, "[optional] how long one iptables program may run before it is killed and the sync retried; more than the 5s a write waits for the xtables lock.")
 	fs.BoolVar(&f.Cleanup, "cleanup", false, "[optional] indicates whether created interface and iptables should be removed on exit.")
 	fs.BoolVar(&f.Daemon, "daemon", true, "[optional] indicates if the sidecar should run as a daemon")
 	fs.BoolVar(&f.DryRun, "dry-run", false, "[optional] validate the flags, print the iptables-restore input that would be loaded on a node where none of it exists yet, and exit without touching the machine.")
@@ -61,9 +64,11 @@ type Config struct {
 	SetupIPTables bool
 	// Backend is "auto", "nft" or "legacy".
 	Backend string
-	Cleanup bool
-	Daemon  bool
-	DryRun  bool
+	// IPTablesTimeout bounds each iptables program.
+	IPTablesTimeout time.Duration
+	Cleanup         bool
+	Daemon          bool
+	DryRun          bool
 	// HealthProbeBindAddress is where /healthz and /readyz are served, as
 	// host:port; "" when they are not.
 	HealthProbeBindAddress string
@@ -71,6 +76,11 @@ type Config struct {
 	// when it is not.
 	MetricsBindAddress string
 }
+
+// MinIPTablesTimeout is the shortest --iptables-timeout: a write waits up
+// to 5s for the xtables lock (iptables-restore --wait=5), and a bound at or
+// below that would kill it while it waits.
+const MinIPTablesTimeout = 6 * time.Second
 
 // FlagError reports a flag whose value was refused.
 type FlagError struct {
@@ -105,6 +115,9 @@ func (f Flags) Validate() (Config, error) {
 	default:
 		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "auto", "nft" or "legacy"`))
 	}
+	if f.IPTablesTimeout < MinIPTablesTimeout {
+		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to 5s for the xtables lock", MinIPTablesTimeout))
+	}
 	health, err := ParseBindAddress(f.HealthProbeBindAddress)
 	if err != nil {
 		return Config{}, flagError("health-probe-bind-address", f.HealthProbeBindAddress, err)
@@ -119,15 +132,16 @@ func (f Flags) Validate() (Config, error) {
 		return Config{}, flagError("metrics-bind-address", f.MetricsBindAddress, errors.New("must not use the port of --health-probe-bind-address"))
 	}
 	return Config{
-		Addrs:         addrs,
-		Port:          port,
-		Interface:     f.Interface,
-		SyncInterval:  f.SyncInterval,
-		SetupIPTables: f.SetupIPTables,
-		Backend:       f.Backend,
-		Cleanup:       f.Cleanup,
-		Daemon:        f.Daemon,
-		DryRun:        f.DryRun,
+		Addrs:           addrs,
+		Port:            port,
+		Interface:       f.Interface,
+		SyncInterval:    f.SyncInterval,
+		SetupIPTables:   f.SetupIPTables,
+		Backend:         f.Backend,
+		IPTablesTimeout: f.IPTablesTimeout,
+		Cleanup:         f.Cleanup,
+		Daemon:          f.Daemon,
+		DryRun:          f.DryRun,
 
 		HealthProbeBindAddress: health,
 		MetricsBindAddress:     metrics,

@@ -11,7 +11,7 @@ import (
 )
 
 func valid() Flags {
-	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Backend: "auto", Daemon: true}
+	return Flags{IPAddress: "10.96.0.2", Port: "443", Interface: "lo", SyncInterval: time.Minute, Backend: "auto", IPTablesTimeout: 30 * time.Second, Daemon: true}
 }
 
 func TestValidateAccepts(t *testing.T) {
@@ -120,6 +120,8 @@ func TestValidateRefuses(t *testing.T) {
 		{"interface dot", "interface", ".", func(f *Flags) { f.Interface = "." }},
 		{"zero sync interval", "sync-interval", "0s", func(f *Flags) { f.SyncInterval = 0 }},
 		{"unknown backend", "iptables-backend", "iptables", func(f *Flags) { f.Backend = "iptables" }},
+		{"iptables timeout within the lock wait", "iptables-timeout", "5s", func(f *Flags) { f.IPTablesTimeout = 5 * time.Second }},
+		{"zero iptables timeout", "iptables-timeout", "0s", func(f *Flags) { f.IPTablesTimeout = 0 }},
 		{"negative sync interval", "sync-interval", "-1s", func(f *Flags) { f.SyncInterval = -time.Second }},
 		{"health address without port", "health-probe-bind-address", "127.0.0.1", func(f *Flags) { f.HealthProbeBindAddress = "127.0.0.1" }},
 		{"health port alone", "health-probe-bind-address", "16911", func(f *Flags) { f.HealthProbeBindAddress = "16911" }},
