@@ -164,10 +164,14 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 		}
 		return last > before && time.Since(lastChange) > 500*time.Millisecond
 	})
+	// Each transaction's 1,000 rule notifications are debounced into one
+	// verification, or two when their delivery outlasts debounceMax (a
+	// loaded machine, a race-built binary). Without the debounce there
+	// would be one per notification.
 	n := last - before
 	t.Logf("5,000 foreign rules in 5 transactions caused %d verifications", n)
-	if n > 5 {
-		t.Errorf("%d verifications for the burst, want at most 5", n)
+	if n > 2*5+1 {
+		t.Errorf("%d verifications for the burst, want at most 2 per transaction and one more", n)
 	}
 	if strings.Count(d.log(), "Repaired rules") != repairsBefore {
 		t.Errorf("the burst of foreign rules was taken for drift of ours:\n%s", d.log())
