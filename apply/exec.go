@@ -143,6 +143,13 @@ const defaultTimeout = 30 * time.Second
 // stdout to line as it arrives, so that a long listing is never held in
 // memory as a whole.
 func (r runner) run(ctx context.Context, stdin []byte, line func(string), name string, args ...string) error {
+	return r.runKeep(ctx, stdin, nil, line, name, args...)
+}
+
+// runKeep is run where line wants only the lines keep (if not nil)
+// accepts: the others are looked at as bytes and never copied, which keeps
+// reading a legacy table of 50,000 rules cheap.
+func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) bool, line func(string), name string, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	cmd := r.exec.CommandContext(ctx, name, args...)
@@ -150,9 +157,11 @@ func (r runner) run(ctx context.Context, stdin []byte, line func(string), name s
 		cmd.SetStdin(bytes.NewReader(stdin))
 	}
 	check := listingOf(name, args)
-	lw := &lineWriter{fn: func(s string) {
-		check.see(s)
-		line(s)
+	lw := &lineWriter{fn: func(b []byte) {
+		check.see(b)
+		if keep == nil || keep(b) {
+			line(string(b))
+		}
 	}}
 	var stderr bytes.Buffer
 	out := &outputs{}
@@ -202,10 +211,13 @@ type listing struct {
 	// chain is the chain of `-S CHAIN`, table the table of `-save -t
 	// TABLE`; both are empty for anything else, which is not checked.
 	chain, table string
-	header       bool // the "-P", "-N" or "*TABLE" line was seen
-	commit       bool
-	first        string
-	lines        int
+	// The header lines that mark a listing: "-N CHAIN" and the prefix
+	// "-P CHAIN " for -S, "*TABLE" for -save.
+	newChain, policy, star []byte
+	header                 bool // the "-P", "-N" or "*TABLE" line was seen
+	commit                 bool
+	first                  string
+	lines                  int
 }
 
 func listingOf(name string, args []string) *listing {
@@ -214,24 +226,26 @@ func listingOf(name string, args []string) *listing {
 		switch {
 		case args[i] == "-S":
 			l.chain = args[i+1]
+			l.newChain, l.policy = []byte("-N "+l.chain), []byte("-P "+l.chain+" ")
 		case args[i] == "-t" && strings.HasSuffix(name, string(toolSave)):
 			l.table = args[i+1]
+			l.star = []byte("*" + l.table)
 		}
 	}
 	return l
 }
 
-func (l *listing) see(line string) {
+func (l *listing) see(line []byte) {
 	if l.lines == 0 {
-		l.first = line
+		l.first = string(line)
 	}
 	l.lines++
 	switch {
-	case l.chain != "" && (line == "-N "+l.chain || strings.HasPrefix(line, "-P "+l.chain+" ")):
+	case l.chain != "" && (bytes.Equal(line, l.newChain) || bytes.HasPrefix(line, l.policy)):
 		l.header = true
-	case l.table != "" && line == "*"+l.table:
+	case l.table != "" && bytes.Equal(line, l.star):
 		l.header = true
-	case l.table != "" && l.header && line == "COMMIT":
+	case l.table != "" && l.header && string(line) == "COMMIT":
 		l.commit = true
 	}
 }
@@ -287,9 +301,10 @@ type writerFunc func([]byte) (int, error)
 
 func (f writerFunc) Write(p []byte) (int, error) { return f(p) }
 
-// lineWriter calls fn for each complete line written to it.
+// lineWriter calls fn for each complete line written to it. The slice is
+// valid only during the call.
 type lineWriter struct {
-	fn  func(string)
+	fn  func([]byte)
 	buf []byte
 }
 
@@ -301,10 +316,11 @@ func (w *lineWriter) Write(p []byte) (int, error) {
 			break
 		}
 		if len(w.buf) > 0 {
-			w.fn(string(append(w.buf, p[:i]...)))
+			w.buf = append(w.buf, p[:i]...)
+			w.fn(w.buf)
 			w.buf = w.buf[:0]
 		} else {
-			w.fn(string(p[:i]))
+			w.fn(p[:i])
 		}
 		p = p[i+1:]
 	}
@@ -314,7 +330,7 @@ func (w *lineWriter) Write(p []byte) (int, error) {
 
 func (w *lineWriter) flush() {
 	if len(w.buf) > 0 {
-		w.fn(string(w.buf))
+		w.fn(w.buf)
 		w.buf = w.buf[:0]
 	}
 }

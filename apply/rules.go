@@ -1,6 +1,7 @@
 package apply
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -330,7 +331,7 @@ type tableState struct {
 //     at all: it holds nothing, and reading it would create it.
 func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState, error) {
 	st := tableState{chains: map[string][]string{}, refs: map[string][]string{}}
-	collect := st.collector(t)
+	keep, collect := st.collectorKeep(t)
 	f := r.ruleset.Family
 	if b == BackendLegacy {
 		// A table the kernel does not list holds nothing, and reading it
@@ -339,7 +340,7 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		if err != nil || !tables[t.Name] {
 			return st, err
 		}
-		return st, r.run.run(ctx, nil, collect, b.binary(f, toolSave), "-t", t.Name)
+		return st, r.run.runKeep(ctx, nil, keep, collect, b.binary(f, toolSave), "-t", t.Name)
 	}
 	list := b.binary(f, toolIPTables)
 	for _, c := range t.Chains {
@@ -442,13 +443,30 @@ func (r *Rules) bareJumps(t render.Table, hook string) ([]string, error) {
 // collector returns a function that takes one line of `iptables -S` or
 // `iptables-save` output and keeps what concerns t's chains.
 func (st tableState) collector(t render.Table) func(string) {
+	_, collect := st.collectorKeep(t)
+	return collect
+}
+
+// collectorKeep is collector and, first, a test on a line's bytes that
+// passes every line collect may keep: chain declarations and rules of our
+// chains and the built-in chains we jump from. It lets a reader skip the
+// rest of a large table without copying it.
+func (st tableState) collectorKeep(t render.Table) (keep func([]byte) bool, collect func(string)) {
 	ours := map[string]bool{}
 	isHook := map[string]bool{}
 	for _, c := range t.Chains {
 		ours[c.Name] = true
 		isHook[c.Hook] = true
 	}
-	return func(line string) {
+	keep = func(line []byte) bool {
+		rest, ok := bytes.CutPrefix(line, []byte("-A "))
+		if !ok {
+			return true // declarations, headers: few
+		}
+		chain, _, _ := bytes.Cut(rest, []byte(" "))
+		return ours[string(chain)] || isHook[string(chain)]
+	}
+	return keep, func(line string) {
 		switch {
 		case strings.HasPrefix(line, "-A "):
 			chain, _, _ := strings.Cut(line[3:], " ")

@@ -428,7 +428,7 @@ func TestRulesCleanup(t *testing.T) {
 
 func TestLineWriterSplitsAcrossWrites(t *testing.T) {
 	var got []string
-	w := &lineWriter{fn: func(s string) { got = append(got, s) }}
+	w := &lineWriter{fn: func(b []byte) { got = append(got, string(b)) }}
 	for _, chunk := range []string{"-A IN", "PUT -j X\n-A OUT", "PUT\n\n", "tail"} {
 		w.Write([]byte(chunk))
 	}
