@@ -1029,8 +1029,8 @@ exec REAL "$@"
 		t.Fatal(err)
 	}
 	ns.Run(t, "iptables-nft", "-F", "APISERVER-PROXY-INPUT")
-	const holding = "Repairs do not stick; holding back verifications on events"
-	eventually(t, hostileDeadline, "the sidecar says its repairs do not stick", func() bool {
+	const holding = "Syncs keep failing; holding back verifications on events"
+	eventually(t, hostileDeadline, "the sidecar says its syncs keep failing", func() bool {
 		return strings.Contains(logSince(d, logged), holding)
 	})
 	quiet(t, d, "with repairs that do not stick")
@@ -1045,7 +1045,7 @@ exec REAL "$@"
 	hostileWait(t, back, "converged with a sound restore program", whole)
 	repaired := time.Since(back)
 	eventually(t, hostileDeadline, "verifying on events at once again", func() bool {
-		return strings.Contains(logSince(d, logged), "Nothing to repair again; verifying on events at once")
+		return strings.Contains(logSince(d, logged), "Repairs stick again; verifying on events at once")
 	})
 	settled := time.Since(back)
 	// Back to normal: a drift is repaired from its event, at once.

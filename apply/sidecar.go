@@ -78,15 +78,17 @@ const (
 	debounceMax   = 100 * time.Millisecond
 )
 
-// holdAfter is how many syncs in a row may repair or fail before
-// verifications on events are held back. Where repairs do not stick (a
-// restore program that stores rules in a form that lists differently,
-// another agent reverting ours at once), every write of ours is an
-// nftables event that triggers the verification that writes again: a loop
-// at the speed of the debounce. From the holdAfter-th such sync on, a
-// verification on events waits debounceMax, doubling with each further
-// one up to the interval, until a sync finds nothing to repair. Interval
-// syncs are never held back.
+// holdAfter is how many syncs in a row may fail before verifications on
+// events are held back. Where repairs do not stick (a restore program that
+// stores rules in a form that lists differently, another agent reverting
+// ours at once), the read-back after each write fails the sync, and every
+// write of ours is an nftables event that triggers the verification that
+// writes again: a loop at the speed of the debounce. From the holdAfter-th
+// failed sync in a row on, a verification on events waits debounceMax,
+// doubling with each further one up to the interval, until a sync
+// succeeds. Interval syncs are never held back. Syncs that repair and
+// succeed never count: drift repaired as fast as someone makes it is the
+// daemon's job.
 const holdAfter = 3
 
 // Run syncs at once, then whenever events report a change that may concern
@@ -107,9 +109,9 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			klog.InfoS("Sync succeeded again", "afterFailures", failures)
 			failures = 0
 		}
-		if err == nil && repairs == 0 {
+		if err == nil {
 			if unsettled >= holdAfter {
-				klog.InfoS("Nothing to repair again; verifying on events at once", "afterSyncs", unsettled)
+				klog.InfoS("Repairs stick again; verifying on events at once", "afterSyncs", unsettled, "repairs", repairs)
 			}
 			unsettled, holdUntil = 0, time.Time{}
 			return
@@ -121,7 +123,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		hold := min(debounceMax<<min(unsettled-holdAfter, 20), interval)
 		holdUntil = time.Now().Add(hold)
 		if unsettled == holdAfter {
-			klog.InfoS("Repairs do not stick; holding back verifications on events, longer each time, until one finds nothing to repair",
+			klog.InfoS("Syncs keep failing; holding back verifications on events, longer each time, until one succeeds",
 				"consecutiveSyncs", unsettled, "holdOff", hold, "maxHoldOff", interval)
 		} else {
 			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", unsettled, "holdOff", hold)
