@@ -5,13 +5,14 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 IMAGE    ?= apiserver-proxy-sidecar:$(VERSION)
 GO       ?= go
 FUZZTIME ?= 30s
+SOAK_DURATION ?= 10m
 
 # Tools run with `go run` at a pinned version: nothing to install.
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 KUSTOMIZE   ?= sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
 
 .DEFAULT_GOAL := help
-.PHONY: help build test golden fuzz demo image manifests verify clean
+.PHONY: help build test golden fuzz demo bench image manifests verify clean soak
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z0-9-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -35,8 +36,19 @@ golden: ## Rewrite golden/ from the templates (review the diff like code)
 fuzz: ## Fuzz validation and rendering for FUZZTIME (default 30s)
 	$(GO) test ./render -run '^$$' -fuzz FuzzValidateRender -fuzztime $(FUZZTIME)
 
+# TestSoak runs only when SOAK_DURATION is set. The test timeout is the
+# duration plus 5m: Go adds up a duration such as "10m5m".
+soak: ## Soak the race-built daemon under random drift for SOAK_DURATION (default 10m; root)
+	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -race -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_DURATION)5m .
+
 demo: ## Run the sidecar in a throwaway network namespace (root: sudo make demo)
 	GO="$(GO)" hack/demo.sh
+
+# bench runs as root in network namespaces of its own and writes
+# BENCHMARKS.md; QUICK=1 measures fewer scenarios, fewer times.
+bench: build ## Benchmark against per-rule checks and iptables-save, write BENCHMARKS.md (root; QUICK=1: short)
+	$(GO) run ./hack/bench -bin ./$(BINARY) -out BENCHMARKS.md $(if $(QUICK),-quick)
+	$(GO) test -run '^$$' -bench . -benchmem $(if $(QUICK),-benchtime=200ms) ./render ./apply
 
 image: ## Build the container image IMAGE with docker
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .

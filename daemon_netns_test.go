@@ -60,6 +60,9 @@ func startDaemonEnv(t *testing.T, ns *netnstest.NS, env []string, bin string, ar
 			_ = d.cmd.Process.Kill()
 			<-d.done
 		}
+		if strings.Contains(d.log(), "WARNING: DATA RACE") {
+			t.Error("the sidecar reported a data race")
+		}
 		if t.Failed() {
 			t.Logf("sidecar log:\n%s", d.log())
 		}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
@@ -191,11 +192,22 @@ func testTraffic(t *testing.T, bin, backend, flag string, fam trafficFamily) {
 
 // buildSidecar builds the sidecar from the package under test into the
 // test's temporary directory, once for all subtests, and returns its path.
+// When the tests run with the race detector, so does the sidecar (which
+// needs cgo): a data race in the daemon is reported on its stderr, and
+// startDaemonEnv fails the test that ran it.
 func buildSidecar(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), name)
-	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("go build -o %s .: %v\n%s", bin, err, out)
+	args := []string{"build", "-o", bin}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	cmd := exec.Command("go", append(args, ".")...)
+	if raceEnabled {
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	}
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("%s: %v\n%s", cmd, err, out)
 	}
 	return bin
 }

@@ -1,0 +1,7 @@
+//go:build race
+
+package main
+
+// raceEnabled reports whether the test binary was built with the race
+// detector: buildSidecar then builds the sidecar with it too.
+const raceEnabled = true
