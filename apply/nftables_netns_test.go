@@ -95,21 +95,14 @@ func TestWantExprsMatchIPTablesNFT(t *testing.T) {
 				t.Fatalf("loading the payload: %v: %s", err, out)
 			}
 			n := nftables{ns: ns.NetNS(t)}
+			want := storedAsRendered(t, rs)
 			for _, tb := range rs.Tables {
 				for _, c := range tb.Chains {
 					got, err := n.exprs(rs.Family, tb.Name, c.Name)
 					if err != nil {
 						t.Fatal(err)
 					}
-					var want [][]string
-					for _, rule := range c.Rules {
-						e, ok := wantExprs(rs.Family, rule)
-						if !ok {
-							t.Fatalf("wantExprs does not know %q", rule)
-						}
-						want = append(want, e)
-					}
-					if diff := cmp.Diff(want, got); diff != "" {
+					if diff := cmp.Diff(want[tb.Name+"/"+c.Name], got); diff != "" {
 						t.Errorf("%s %s: expressions (-want +got):\n%s", tb.Name, c.Name, diff)
 					}
 				}

@@ -147,6 +147,18 @@ func converged() []call {
 	return nftListing("iptables-nft", rawPre, rawOut, hookPre, hookRawOut, filterIn, filterOut, hookIn, hookOut)
 }
 
+// freshDrifts is what a sync finds on a node with nothing of ours.
+var freshDrifts = []string{
+	"raw chain APISERVER-PROXY-PREROUTING: missing",
+	"raw chain APISERVER-PROXY-OUTPUT: missing",
+	"raw jump APISERVER-PROXY-PREROUTING: missing from PREROUTING",
+	"raw jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+	"filter chain APISERVER-PROXY-INPUT: missing",
+	"filter chain APISERVER-PROXY-OUTPUT: missing",
+	"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
+	"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
+}
+
 // readBack is what a sync reads right after its write: with nft (listed
 // with iptables-nft -S) the listings of a node where everything is in place.
 func readBack() []call { return converged() }
@@ -173,16 +185,7 @@ func TestRulesSyncNFT(t *testing.T) {
 			name: "fresh node loads exactly the rendered payload",
 			calls: append(nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n", "-P OUTPUT ACCEPT\n"),
 				call{argv: restoreNFT, stdin: string(rs.Payload())}),
-			drifts: []string{
-				"raw chain APISERVER-PROXY-PREROUTING: missing",
-				"raw chain APISERVER-PROXY-OUTPUT: missing",
-				"raw jump APISERVER-PROXY-PREROUTING: missing from PREROUTING",
-				"raw jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
-				"filter chain APISERVER-PROXY-INPUT: missing",
-				"filter chain APISERVER-PROXY-OUTPUT: missing",
-				"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
-				"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
-			},
+			drifts: freshDrifts,
 		},
 		{
 			name:  "converged node writes nothing",
@@ -580,19 +583,10 @@ func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 			drifts: []string{"filter chain APISERVER-PROXY-INPUT: rules differ (0 listed, 1 rendered)"},
 		},
 		{
-			name:  "fresh node: nothing is listed, the payload is loaded",
-			nft:   fakeNFT{},
-			calls: []call{{argv: restoreNFT, stdin: string(rs.Payload())}},
-			drifts: []string{
-				"raw chain APISERVER-PROXY-PREROUTING: missing",
-				"raw chain APISERVER-PROXY-OUTPUT: missing",
-				"raw jump APISERVER-PROXY-PREROUTING: missing from PREROUTING",
-				"raw jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
-				"filter chain APISERVER-PROXY-INPUT: missing",
-				"filter chain APISERVER-PROXY-OUTPUT: missing",
-				"filter jump APISERVER-PROXY-INPUT: missing from INPUT",
-				"filter jump APISERVER-PROXY-OUTPUT: missing from OUTPUT",
-			},
+			name:   "fresh node: nothing is listed, the payload is loaded",
+			nft:    fakeNFT{},
+			calls:  []call{{argv: restoreNFT, stdin: string(rs.Payload())}},
+			drifts: freshDrifts,
 		},
 		{
 			name: "duplicated bare jump is repaired without listing the built-in chain",
