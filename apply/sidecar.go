@@ -26,22 +26,27 @@ func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
 func (s *Sidecar) Sync(ctx context.Context) error {
-	_, err := s.verify(ctx, TriggerStartup)
+	_, err := s.verify(ctx, TriggerStartup, true)
 	return err
 }
 
 // verify syncs once and returns how many repairs it made, failed ones
-// included.
-func (s *Sidecar) verify(ctx context.Context, trigger Trigger) (int, error) {
+// included. With checkAddress false it leaves the address and link alone
+// (see Run).
+func (s *Sidecar) verify(ctx context.Context, trigger Trigger, checkAddress bool) (int, error) {
 	s.observer.Verification(string(trigger))
 	res := SyncResult{Started: time.Now()}
-	repairs, err := s.address.Ensure()
-	for _, r := range repairs {
-		klog.InfoS("Repaired address", "object", r.Kind.Object(), "repair", r.String())
-		s.observer.Repaired(r.Kind.Object())
-	}
-	if err != nil {
-		res.Address = fmt.Errorf("address: %w", err)
+	var repairs Repairs
+	if checkAddress {
+		var err error
+		repairs, err = s.address.Ensure()
+		for _, r := range repairs {
+			klog.InfoS("Repaired address", "object", r.Kind.Object(), "repair", r.String())
+			s.observer.Repaired(r.Kind.Object())
+		}
+		if err != nil {
+			res.Address = fmt.Errorf("address: %w", err)
+		}
 	}
 	var errs []error
 	drifted := 0
@@ -64,7 +69,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger) (int, error) {
 	res.Rules = errors.Join(errs...)
 	res.Duration = time.Since(res.Started)
 	s.observer.SyncFinished(res)
-	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil)
+	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "addressChecked", checkAddress)
 	return len(repairs) + drifted, res.Err()
 }
 
@@ -92,15 +97,32 @@ const (
 const holdAfter = 3
 
 // Run syncs at once, then whenever events report a change that may concern
-// us (debounced), and every interval, until ctx is done. Failures are
-// logged and retried at the next trigger; they never end the loop. A sync
-// in progress when ctx is done runs to its end, so that a signal never
-// cuts a write short. events may be nil.
+// us (debounced), and every interval, until ctx is done. With events, an
+// interval sync leaves the address and link to them and checks them only
+// every fullVerifyEvery. Failures are logged and retried at the next
+// trigger; they never end the loop. A sync in progress when ctx is done
+// runs to its end, so that a signal never cuts a write short. events may
+// be nil.
 func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan Trigger) {
 	failures, unsettled := 0, 0
 	var holdUntil time.Time // no verification on events before
+	// addressVerifiedAt is when a sync last found the address and link in
+	// place (or put them there), zero after a sync that failed.
+	var addressVerifiedAt time.Time
 	sync := func(t Trigger) {
-		repairs, err := s.verify(context.WithoutCancel(ctx), t)
+		// The kernel reports every change to our address and link, and each
+		// such event verifies them: an interval sync need not, except as a
+		// safety net every fullVerifyEvery. Without events it always does.
+		checkAddress := t != TriggerInterval || events == nil || addressVerifiedAt.IsZero() ||
+			time.Since(addressVerifiedAt) >= fullVerifyEvery
+		started := time.Now()
+		repairs, err := s.verify(context.WithoutCancel(ctx), t, checkAddress)
+		if checkAddress {
+			addressVerifiedAt = started
+		}
+		if err != nil {
+			addressVerifiedAt = time.Time{}
+		}
 		switch {
 		case err != nil:
 			failures++
@@ -146,9 +168,14 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			d.take() // this sync covers whatever is pending
+			// This sync covers whatever is pending, and checks what that
+			// event concerns.
+			t := d.take()
+			if t == "" {
+				t = TriggerInterval
+			}
 			timer.Stop()
-			sync(TriggerInterval)
+			sync(t)
 		case t := <-events:
 			d.add(time.Now(), t)
 			wait, _ := due(time.Now())

@@ -134,3 +134,56 @@ func TestRunCoalescesEventBursts(t *testing.T) {
 		t.Errorf("%d verifications for one burst, want at most 3", n)
 	}
 }
+
+// With kernel events, an interval sync leaves the address to the events:
+// an address removed behind the sidecar's back, with no event, stays
+// removed through interval syncs, and is back as soon as an event comes.
+// Without events every interval sync checks it.
+func TestRunChecksTheAddressOnEventsOrWithoutThem(t *testing.T) {
+	for _, withEvents := range []bool{true, false} {
+		nl := newFake(t, nil)
+		address := NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")})
+		stats := &Counts{}
+		s := NewSidecar(address, nil, stats)
+		var events chan Trigger
+		if withEvents {
+			events = make(chan Trigger, 1)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			s.Run(ctx, time.Millisecond, events)
+			close(done)
+		}()
+		present := func() bool {
+			address.mu.Lock()
+			defer address.mu.Unlock()
+			return len(nl.addrs[1]) == 1
+		}
+		waitFor := func(what string, cond func() bool) {
+			t.Helper()
+			deadline := time.Now().Add(10 * time.Second)
+			for !cond() {
+				if time.Now().After(deadline) {
+					t.Fatalf("events %v: %s: not within 10s", withEvents, what)
+				}
+				time.Sleep(time.Millisecond) // polling interval, not synchronisation
+			}
+		}
+		waitFor("address added at start", present)
+		address.mu.Lock()
+		delete(nl.addrs, 1) // gone, and no event says so
+		address.mu.Unlock()
+		syncs := stats.SyncsSucceeded.Load()
+		waitFor("five more interval syncs", func() bool { return stats.SyncsSucceeded.Load() >= syncs+5 })
+		if present() == withEvents {
+			t.Errorf("events %v: after five interval syncs the address is present: %v", withEvents, present())
+		}
+		if withEvents {
+			events <- TriggerAddress
+			waitFor("address back after its event", present)
+		}
+		cancel()
+		<-done
+	}
+}
