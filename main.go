@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -218,9 +219,12 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	return nil
 }
 
-// logResourceUse logs, at exit and at -v=2, the CPU time and peak memory of
-// the process and of the iptables programs it ran: what a node pays for the
-// sidecar, and what `make bench` reads.
+// logResourceUse logs, at exit and at -v=2, the CPU time of the process
+// and of the iptables programs it ran, and the process's peak memory: what
+// a node pays for the sidecar. The peak is the kernel's high-water mark of
+// this program's own memory (VmHWM). getrusage's figures would mislead:
+// a process started with vfork (as Go and container runtimes start
+// programs) counts its parent's memory up to exec, and each child ours.
 func logResourceUse() {
 	var self, children syscall.Rusage
 	if syscall.Getrusage(syscall.RUSAGE_SELF, &self) != nil || syscall.Getrusage(syscall.RUSAGE_CHILDREN, &children) != nil {
@@ -229,9 +233,25 @@ func logResourceUse() {
 	cpu := func(u syscall.Rusage) time.Duration {
 		return time.Duration(u.Utime.Nano() + u.Stime.Nano())
 	}
-	klog.V(2).InfoS("Resource use",
-		"cpu", cpu(self), "peakRSSBytes", self.Maxrss*1024,
-		"childrenCPU", cpu(children), "largestChildPeakRSSBytes", children.Maxrss*1024)
+	klog.V(2).InfoS("Resource use", "cpu", cpu(self), "childrenCPU", cpu(children), "peakRSSBytes", peakRSS())
+}
+
+// peakRSS returns VmHWM from /proc/self/status in bytes, or -1.
+func peakRSS() int64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				return -1
+			}
+			return kb * 1024
+		}
+	}
+	return -1
 }
 
 // serveTelemetry starts the listeners the flags ask for; an address that

@@ -250,7 +250,7 @@ func report(mach [][2]string, p plan, results []scenarioResult, approx bool, too
 	b.WriteString(checkList(checks(results)))
 	b.WriteString("\n## Method\n\n")
 	fmt.Fprintf(&b, methodText, p.Reps, p.Syncs, p.LoopBudget, p.RepairReps)
-	b.WriteString("\nCross-check, the sidecar's own getrusage at exit (one-shot converged, -v 2). Its peakRSSBytes also counts the address space the process had before exec, which under vfork is this harness's, and its child figure counts the parent's pages (see above); taskstats' figures, taken after exec, have neither problem:\n\n")
+	b.WriteString("\nCross-check, the sidecar's own log at exit (one-shot converged, -v 2): CPU from getrusage, its own and its children's, and its peak memory from the kernel's high-water mark (VmHWM):\n\n")
 	for _, r := range results {
 		cc := r.CrossCheck
 		if cc == "" {
