@@ -5,7 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"sync"
 	"time"
 
@@ -49,22 +51,58 @@ const (
 	maxBackoff = 30 * time.Second
 )
 
-// Run watches until ctx is done, sending triggers to out without ever
-// blocking on it: a trigger already waiting in out stands for later ones.
+// Run watches until ctx is done and sends triggers to out. A watcher never
+// waits for out: triggers that arrive while the sync loop is busy are kept
+// as a set, one of each kind, so that a burst of one kind costs one
+// verification and none of another kind is lost (a verification checks
+// only what its triggers concern).
 func (w Watchers) Run(ctx context.Context, out chan<- Trigger) {
-	send := func(t Trigger) {
-		select {
-		case out <- t:
-		default:
-		}
-	}
 	var wg sync.WaitGroup
+	send := forwardSet(ctx, &wg, out)
 	wg.Go(func() { w.resubscribe(ctx, "address", TriggerAddress, send, w.watchAddrs) })
 	wg.Go(func() { w.resubscribe(ctx, "link", TriggerLink, send, w.watchLinks) })
 	if w.NFTables {
 		wg.Go(func() { w.resubscribe(ctx, "nftables", TriggerNFTables, send, w.watchNFTables) })
 	}
 	wg.Wait()
+}
+
+// forwardSet returns a send that never blocks: triggers are kept as a set,
+// one of each kind, and a goroutine (in wg) hands them to out in a fixed
+// order as fast as out takes them, until ctx is done.
+func forwardSet(ctx context.Context, wg *sync.WaitGroup, out chan<- Trigger) func(Trigger) {
+	var mu sync.Mutex
+	pending := map[Trigger]bool{}
+	wake := make(chan struct{}, 1)
+	wg.Go(func() {
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-wake:
+			}
+			mu.Lock()
+			kinds := slices.Sorted(maps.Keys(pending))
+			clear(pending)
+			mu.Unlock()
+			for _, t := range kinds {
+				select {
+				case out <- t:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	})
+	return func(t Trigger) {
+		mu.Lock()
+		pending[t] = true
+		mu.Unlock()
+		select {
+		case wake <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // resubscribe runs watch again after each failure, with exponential

@@ -3,6 +3,7 @@ package apply
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 )
@@ -52,5 +53,45 @@ func TestResubscribeAfterError(t *testing.T) {
 	}
 	if subscriptions != 3 {
 		t.Errorf("%d subscriptions, want 3", subscriptions)
+	}
+}
+
+// While the sync loop is busy, a burst of one kind of trigger is kept as
+// one, and a trigger of another kind is never lost behind it.
+func TestForwardSetKeepsOneOfEachKind(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	out := make(chan Trigger) // nobody reads yet: the loop is busy
+	send := forwardSet(ctx, &wg, out)
+	for range 1000 {
+		send(TriggerNFTables)
+	}
+	send(TriggerAddress)
+	for range 1000 {
+		send(TriggerNFTables)
+	}
+	got := map[Trigger]int{}
+	for len(got) < 2 {
+		select {
+		case tr := <-out:
+			got[tr]++
+		case <-time.After(10 * time.Second):
+			t.Fatalf("after 10s only %v arrived", got)
+		}
+	}
+	// At most one more of each may still be in flight; drain without
+	// waiting: nothing else may come.
+	for {
+		select {
+		case tr := <-out:
+			got[tr]++
+			continue
+		default:
+		}
+		break
+	}
+	if got[TriggerAddress] < 1 || got[TriggerNFTables] > 2 || got[TriggerAddress] > 2 {
+		t.Errorf("triggers handed over: %v; want the address one, and at most two of each", got)
 	}
 }

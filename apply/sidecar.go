@@ -26,18 +26,36 @@ func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
 func (s *Sidecar) Sync(ctx context.Context) error {
-	_, err := s.verify(ctx, TriggerStartup, true)
+	_, err := s.verify(ctx, TriggerStartup, everything)
 	return err
 }
 
-// verify syncs once and returns how many repairs it made, failed ones
-// included. With checkAddress false it leaves the address and link alone
-// (see Run).
-func (s *Sidecar) verify(ctx context.Context, trigger Trigger, checkAddress bool) (int, error) {
+// scope is what a verification checks.
+type scope struct{ address, rules bool }
+
+var everything = scope{address: true, rules: true}
+
+// scopeOf is what a trigger may concern: an address or link event only the
+// address and link, an nftables event only the rules, anything else both.
+func scopeOf(t Trigger) scope {
+	switch t {
+	case TriggerAddress, TriggerLink:
+		return scope{address: true}
+	case TriggerNFTables:
+		return scope{rules: true}
+	}
+	return everything
+}
+
+func (a scope) or(b scope) scope { return scope{a.address || b.address, a.rules || b.rules} }
+
+// verify syncs what sc names once and returns how many repairs it made,
+// failed ones included.
+func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) (int, error) {
 	s.observer.Verification(string(trigger))
 	res := SyncResult{Started: time.Now()}
 	var repairs Repairs
-	if checkAddress {
+	if sc.address {
 		var err error
 		repairs, err = s.address.Ensure()
 		for _, r := range repairs {
@@ -51,6 +69,9 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, checkAddress bool
 	var errs []error
 	drifted := 0
 	for _, r := range s.rules {
+		if !sc.rules {
+			break
+		}
 		drifts, err := r.Sync(ctx)
 		for _, d := range drifts {
 			if err != nil {
@@ -69,7 +90,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, checkAddress bool
 	res.Rules = errors.Join(errs...)
 	res.Duration = time.Since(res.Started)
 	s.observer.SyncFinished(res)
-	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "addressChecked", checkAddress)
+	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "address", sc.address, "rules", sc.rules)
 	return len(repairs) + drifted, res.Err()
 }
 
@@ -109,15 +130,21 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 	// addressVerifiedAt is when a sync last found the address and link in
 	// place (or put them there), zero after a sync that failed.
 	var addressVerifiedAt time.Time
-	sync := func(t Trigger) {
+	sync := func(t Trigger, sc scope) {
 		// The kernel reports every change to our address and link, and each
 		// such event verifies them: an interval sync need not, except as a
 		// safety net every fullVerifyEvery. Without events it always does.
-		checkAddress := t != TriggerInterval || events == nil || addressVerifiedAt.IsZero() ||
-			time.Since(addressVerifiedAt) >= fullVerifyEvery
+		if events == nil || addressVerifiedAt.IsZero() || time.Since(addressVerifiedAt) >= fullVerifyEvery {
+			sc.address = true
+		}
+		if failures > 0 {
+			// Health reports the latest sync: after a failure only one
+			// that checks everything may say that all is well again.
+			sc = everything
+		}
 		started := time.Now()
-		repairs, err := s.verify(context.WithoutCancel(ctx), t, checkAddress)
-		if checkAddress {
+		repairs, err := s.verify(context.WithoutCancel(ctx), t, sc)
+		if sc.address {
 			addressVerifiedAt = started
 		}
 		if err != nil {
@@ -151,7 +178,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", unsettled, "holdOff", hold)
 		}
 	}
-	sync(TriggerStartup)
+	sync(TriggerStartup, everything)
 	tick := time.NewTicker(interval)
 	defer tick.Stop()
 	timer := time.NewTimer(time.Hour)
@@ -168,14 +195,14 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		case <-ctx.Done():
 			return
 		case <-tick.C:
-			// This sync covers whatever is pending, and checks what that
-			// event concerns.
-			t := d.take()
+			// This sync covers whatever is pending, and checks what those
+			// events concern.
+			t, sc := d.takeAll()
 			if t == "" {
 				t = TriggerInterval
 			}
 			timer.Stop()
-			sync(t)
+			sync(t, sc.or(scope{rules: true}))
 		case t := <-events:
 			d.add(time.Now(), t)
 			wait, _ := due(time.Now())
@@ -184,7 +211,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			if wait, pending := due(time.Now()); pending && wait > 0 {
 				timer.Reset(wait)
 			} else if pending {
-				sync(d.take())
+				sync(d.takeAll())
 			}
 		}
 	}
@@ -197,6 +224,7 @@ type debounce struct {
 	// pending burst; first is zero when nothing is pending.
 	first, last time.Time
 	trigger     Trigger // of the first
+	scope       scope   // what all of them concern
 }
 
 func (d *debounce) add(now time.Time, t Trigger) {
@@ -204,6 +232,7 @@ func (d *debounce) add(now time.Time, t Trigger) {
 		d.first, d.trigger = now, t
 	}
 	d.last = now
+	d.scope = d.scope.or(scopeOf(t))
 }
 
 // due returns how long until the pending verification should run, and
@@ -218,9 +247,16 @@ func (d *debounce) due(now time.Time) (wait time.Duration, pending bool) {
 
 // take ends the pending burst and returns its first trigger.
 func (d *debounce) take() Trigger {
-	t := d.trigger
-	d.first, d.last, d.trigger = time.Time{}, time.Time{}, ""
+	t, _ := d.takeAll()
 	return t
+}
+
+// takeAll ends the pending burst and returns its first trigger and what
+// all its triggers concern.
+func (d *debounce) takeAll() (Trigger, scope) {
+	t, sc := d.trigger, d.scope
+	d.first, d.last, d.trigger, d.scope = time.Time{}, time.Time{}, "", scope{}
+	return t, sc
 }
 
 // Cleanup removes our jumps and chains from every family, then our address,

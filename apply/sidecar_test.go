@@ -187,3 +187,40 @@ func TestRunChecksTheAddressOnEventsOrWithoutThem(t *testing.T) {
 		<-done
 	}
 }
+
+// A verification on an event checks only what the event concerns, except
+// after a failed sync: then everything, so that a sync reported as a
+// success (and /readyz) never leaves out what failed.
+func TestRunScopesVerificationsByEvent(t *testing.T) {
+	nl := newFake(t, nil)
+	nl.fail = map[string]error{"AddrAdd lo": errors.New("permission denied")}
+	address := NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")})
+	stats := &Counts{}
+	s := NewSidecar(address, nil, stats)
+	events := make(chan Trigger, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		s.Run(ctx, time.Hour, events)
+		close(done)
+	}()
+	defer func() { cancel(); <-done }()
+	waitFor := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: not within 10s", what)
+			}
+			time.Sleep(time.Millisecond) // polling interval, not synchronisation
+		}
+	}
+	waitFor("the startup sync fails", func() bool { return stats.SyncsFailed.Load() == 1 })
+	// An nftables event concerns only the rules, but the last sync failed
+	// on the address: it is checked again, and fails again.
+	events <- TriggerNFTables
+	waitFor("the nftables event's sync fails too", func() bool { return stats.SyncsFailed.Load() == 2 })
+	if stats.SyncsSucceeded.Load() != 0 {
+		t.Fatal("a sync succeeded while the address could not be added")
+	}
+}
