@@ -402,12 +402,24 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 			if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 				t.Errorf("exit code %d, want 0", code)
 			}
+			// The log arrives through a pipe, behind the process: lines
+			// written before the signal may come after signalled. Each
+			// line is looked for after the one before it.
 			after := d.log()[signalled:]
 			repaired := strings.Index(after, `drift="rules differ (0 listed, 1 rendered)"`)
-			finished := strings.Index(after, "Sync finished")
-			stopping := strings.Index(after, "Stopping")
-			removed := strings.Index(after, "Removed our address and rules")
-			if repaired < 0 || finished < repaired || stopping < finished || removed < stopping {
+			next := func(from int, what string) int {
+				if from < 0 {
+					return -1
+				}
+				if i := strings.Index(after[from:], what); i >= 0 {
+					return from + i
+				}
+				return -1
+			}
+			finished := next(repaired, "Sync finished")
+			stopping := next(finished, "Stopping")
+			removed := next(stopping, "Removed our address and rules")
+			if repaired < 0 || finished < 0 || stopping < 0 || removed < 0 {
 				t.Fatalf("want, after the signal, the repair, its sync finished, then Stopping, then the cleanup; log since the signal:\n%s", after)
 			}
 			if !strings.Contains(after[finished:stopping], "ok=true") {
