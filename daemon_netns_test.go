@@ -1,14 +1,13 @@
 package main
 
 import (
-	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -19,22 +18,21 @@ import (
 
 // daemon is the sidecar binary running in the background in a namespace.
 type daemon struct {
-	cmd    *exec.Cmd
-	mu     sync.Mutex
-	stderr bytes.Buffer
-	done   chan error
+	cmd *exec.Cmd
+	// logFile receives the sidecar's stderr directly, with no pipe in
+	// between: a line the sidecar has written is in it, so a test never
+	// sees the log lag behind the process.
+	logFile string
+	done    chan error
 }
 
-func (d *daemon) Write(p []byte) (int, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.stderr.Write(p)
-}
-
+// log returns everything the sidecar has logged so far.
 func (d *daemon) log() string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.stderr.String()
+	b, err := os.ReadFile(d.logFile)
+	if err != nil {
+		panic(fmt.Sprintf("reading the sidecar's log: %v", err))
+	}
+	return string(b)
 }
 
 func startDaemon(t *testing.T, ns *netnstest.NS, bin string, args ...string) *daemon {
@@ -45,12 +43,17 @@ func startDaemon(t *testing.T, ns *netnstest.NS, bin string, args ...string) *da
 // startDaemonEnv is startDaemon with extra environment variables.
 func startDaemonEnv(t *testing.T, ns *netnstest.NS, env []string, bin string, args ...string) *daemon {
 	t.Helper()
-	d := &daemon{done: make(chan error, 1)}
+	f, err := os.CreateTemp(t.TempDir(), "sidecar-*.log")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close() // the child has its own descriptor
+	d := &daemon{logFile: f.Name(), done: make(chan error, 1)}
 	d.cmd = ns.Command(bin, args...)
 	if env != nil {
 		d.cmd.Env = append(os.Environ(), env...)
 	}
-	d.cmd.Stderr = d
+	d.cmd.Stderr = f
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
