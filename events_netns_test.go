@@ -20,13 +20,20 @@ import (
 // repair comes from kernel events: the sync interval is an hour.
 const repairDeadline = 5 * time.Second
 
-// pollUntil polls cond every millisecond until it holds or the deadline
+// pollUntil polls cond every millisecond until it holds or repairDeadline
 // passes, and returns how long that took from start.
 func pollUntil(t *testing.T, start time.Time, what string, cond func() bool) time.Duration {
 	t.Helper()
+	return pollWithin(t, start, repairDeadline, what, cond)
+}
+
+// pollWithin polls cond every millisecond until it holds, failing the test
+// once within has passed since start, and returns how long that took.
+func pollWithin(t *testing.T, start time.Time, within time.Duration, what string, cond func() bool) time.Duration {
+	t.Helper()
 	for !cond() {
-		if time.Since(start) > repairDeadline {
-			t.Fatalf("%s: not repaired within %s", what, repairDeadline)
+		if time.Since(start) > within {
+			t.Fatalf("%s: not within %s", what, within)
 		}
 		time.Sleep(time.Millisecond) // polling interval
 	}

@@ -33,13 +33,7 @@ const dualStack = "10.96.0.2,fd00::2"
 // after hostileDeadline, and returns how long that took from start.
 func hostileWait(t *testing.T, start time.Time, what string, cond func() bool) time.Duration {
 	t.Helper()
-	for !cond() {
-		if time.Since(start) > hostileDeadline {
-			t.Fatalf("%s: not within %s", what, hostileDeadline)
-		}
-		time.Sleep(time.Millisecond) // polling interval
-	}
-	return time.Since(start)
+	return pollWithin(t, start, hostileDeadline, what, cond)
 }
 
 // readOurState is ourState for use off the test goroutine: it returns errors
