@@ -257,39 +257,49 @@ func immediateVerdict(b []byte) (verdict, target string, err error) {
 		if a.Attr.Type&^unix.NLA_F_NESTED != nftaImmediateData {
 			continue
 		}
-		data, err := nl.ParseRouteAttr(a.Value)
-		if err != nil {
+		code, chain, _, err := verdictOf(a.Value)
+		switch {
+		case err != nil:
 			return "", "", err
+		case code == nftJump:
+			return "jump", chain, nil
+		case code == nftGoto:
+			return "goto", chain, nil
 		}
-		for _, d := range data {
-			if d.Attr.Type&^unix.NLA_F_NESTED != nftaDataVerdict {
-				continue
-			}
-			v, err := nl.ParseRouteAttr(d.Value)
-			if err != nil {
-				return "", "", err
-			}
-			var code int32
-			for _, f := range v {
-				switch f.Attr.Type &^ unix.NLA_F_NESTED {
-				case nftaVerdictCode:
-					if len(f.Value) == 4 {
-						code = int32(binary.BigEndian.Uint32(f.Value))
-					}
-				case nftaVerdictChain:
-					target = cString(f.Value)
-				}
-			}
-			switch code {
-			case nftJump:
-				return "jump", target, nil
-			case nftGoto:
-				return "goto", target, nil
-			}
-			return "", "", nil
-		}
+		return "", "", nil
 	}
 	return "", "", nil
+}
+
+// verdictOf reads an NFTA_IMMEDIATE_DATA payload: its verdict code and the
+// chain a jump or goto leads to. found is false when the data is a value,
+// not a verdict.
+func verdictOf(b []byte) (code int32, chain string, found bool, err error) {
+	attrs, err := nl.ParseRouteAttr(b)
+	if err != nil {
+		return 0, "", false, err
+	}
+	for _, a := range attrs {
+		if a.Attr.Type&^unix.NLA_F_NESTED != nftaDataVerdict {
+			continue
+		}
+		v, err := nl.ParseRouteAttr(a.Value)
+		if err != nil {
+			return 0, "", false, err
+		}
+		for _, f := range v {
+			switch f.Attr.Type &^ unix.NLA_F_NESTED {
+			case nftaVerdictCode:
+				if len(f.Value) == 4 {
+					code = int32(binary.BigEndian.Uint32(f.Value))
+				}
+			case nftaVerdictChain:
+				chain = cString(f.Value)
+			}
+		}
+		return code, chain, true, nil
+	}
+	return 0, "", false, nil
 }
 
 func cString(b []byte) string {

@@ -136,34 +136,17 @@ func dataValue(b []byte) (string, error) {
 	return "?", nil
 }
 
-// verdictCode returns an immediate expression's verdict code, or "?".
+// verdictCode returns an immediate expression's verdict code, with ":CHAIN"
+// for a jump or goto, or "?" when its data is not a verdict.
 func verdictCode(b []byte) (string, error) {
-	attrs, err := nl.ParseRouteAttr(b)
-	if err != nil {
-		return "", err
+	code, chain, found, err := verdictOf(b)
+	if err != nil || !found {
+		return "?", err
 	}
-	for _, a := range attrs {
-		if a.Attr.Type&^unix.NLA_F_NESTED != nftaDataVerdict {
-			continue
-		}
-		v, err := nl.ParseRouteAttr(a.Value)
-		if err != nil {
-			return "", err
-		}
-		code, chain := "?", ""
-		for _, f := range v {
-			switch f.Attr.Type &^ unix.NLA_F_NESTED {
-			case nftaVerdictCode:
-				if len(f.Value) == 4 {
-					code = strconv.Itoa(int(int32(binary.BigEndian.Uint32(f.Value))))
-				}
-			case nftaVerdictChain:
-				chain = ":" + cString(f.Value)
-			}
-		}
-		return code + chain, nil
+	if chain != "" {
+		return strconv.Itoa(int(code)) + ":" + chain, nil
 	}
-	return "?", nil
+	return strconv.Itoa(int(code)), nil
 }
 
 // wantExprs returns the canonical expressions (as exprText writes them)
