@@ -331,7 +331,7 @@ type tableState struct {
 //     at all: it holds nothing, and reading it would create it.
 func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState, error) {
 	st := tableState{chains: map[string][]string{}, refs: map[string][]string{}}
-	keep, collect := st.collectorKeep(t)
+	keep, collect := st.collector(t)
 	f := r.ruleset.Family
 	if b == BackendLegacy {
 		// A table the kernel does not list holds nothing, and reading it
@@ -440,18 +440,13 @@ func (r *Rules) bareJumps(t render.Table, hook string) ([]string, error) {
 	return lines, nil
 }
 
-// collector returns a function that takes one line of `iptables -S` or
-// `iptables-save` output and keeps what concerns t's chains.
-func (st tableState) collector(t render.Table) func(string) {
-	_, collect := st.collectorKeep(t)
-	return collect
-}
-
-// collectorKeep is collector and, first, a test on a line's bytes that
-// passes every line collect may keep: chain declarations and rules of our
-// chains and the built-in chains we jump from. It lets a reader skip the
-// rest of a large table without copying it.
-func (st tableState) collectorKeep(t render.Table) (keep func([]byte) bool, collect func(string)) {
+// collector returns collect, which takes one line of `iptables -S` or
+// `iptables-save` output and keeps what concerns t's chains, and keep, a
+// test on a line's bytes that passes every line collect may keep: chain
+// declarations and rules of our chains and the built-in chains we jump
+// from. keep lets a reader skip the rest of a large table without copying
+// it.
+func (st tableState) collector(t render.Table) (keep func([]byte) bool, collect func(string)) {
 	ours := map[string]bool{}
 	isHook := map[string]bool{}
 	for _, c := range t.Chains {

@@ -57,7 +57,7 @@ func BenchmarkRepair(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
 				st := tableState{chains: map[string][]string{}, refs: map[string][]string{}}
-				collect := st.collector(filter)
+				_, collect := st.collector(filter)
 				for _, l := range tc.lines {
 					collect(l)
 				}

@@ -26,8 +26,7 @@ func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
 func (s *Sidecar) Sync(ctx context.Context) error {
-	_, err := s.verify(ctx, TriggerStartup, everything)
-	return err
+	return s.verify(ctx, TriggerStartup, everything)
 }
 
 // scope is what a verification checks.
@@ -49,9 +48,8 @@ func scopeOf(t Trigger) scope {
 
 func (a scope) or(b scope) scope { return scope{a.address || b.address, a.rules || b.rules} }
 
-// verify syncs what sc names once and returns how many repairs it made,
-// failed ones included.
-func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) (int, error) {
+// verify syncs what sc names once.
+func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 	s.observer.Verification(string(trigger))
 	res := SyncResult{Started: time.Now()}
 	var repairs Repairs
@@ -91,7 +89,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) (int, e
 	res.Duration = time.Since(res.Started)
 	s.observer.SyncFinished(res)
 	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "address", sc.address, "rules", sc.rules)
-	return len(repairs) + drifted, res.Err()
+	return res.Err()
 }
 
 // Debounce of event-triggered verifications: one runs once events have
@@ -143,7 +141,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			sc = everything
 		}
 		started := time.Now()
-		repairs, err := s.verify(context.WithoutCancel(ctx), t, sc)
+		err := s.verify(context.WithoutCancel(ctx), t, sc)
 		if sc.address {
 			addressVerifiedAt = started
 		}
@@ -160,7 +158,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		}
 		if err == nil {
 			if unsettled >= holdAfter {
-				klog.InfoS("Repairs stick again; verifying on events at once", "afterSyncs", unsettled, "repairs", repairs)
+				klog.InfoS("Repairs stick again; verifying on events at once", "afterSyncs", unsettled)
 			}
 			unsettled, holdUntil = 0, time.Time{}
 			return
