@@ -2,6 +2,7 @@ package apply
 
 import (
 	"errors"
+	"net/netip"
 	"sync/atomic"
 	"time"
 
@@ -29,6 +30,11 @@ type Observer interface {
 	// VerificationSkipped reports a family's rules not read because
 	// nothing can have changed; reason is "generation_unchanged".
 	VerificationSkipped(reason string)
+	// UntrackedDNAT reports connections that were DNATed from original
+	// (a Service ClusterIP, say) to one of our addresses, to, while our
+	// rules untrack their replies: they cannot be answered. n counts the
+	// connections seen for the first time.
+	UntrackedDNAT(original, to netip.AddrPort, n int)
 }
 
 // SyncResult is what one sync found and did.
@@ -56,6 +62,7 @@ type Counts struct {
 	Restores        atomic.Int64
 	RestoreFailures atomic.Int64
 	LockHeld        atomic.Int64
+	UntrackedDNATs  atomic.Int64
 }
 
 func (c *Counts) SyncFinished(r SyncResult) {
@@ -83,6 +90,8 @@ func (c *Counts) BackendChosen(render.Family, Backend) {}
 func (c *Counts) Verification(string) { c.Verifications.Add(1) }
 
 func (c *Counts) VerificationSkipped(string) { c.Skipped.Add(1) }
+
+func (c *Counts) UntrackedDNAT(_, _ netip.AddrPort, n int) { c.UntrackedDNATs.Add(int64(n)) }
 
 // Observers fans every call out to each Observer in turn.
 type Observers []Observer
@@ -120,5 +129,11 @@ func (os Observers) Verification(trigger string) {
 func (os Observers) VerificationSkipped(reason string) {
 	for _, o := range os {
 		o.VerificationSkipped(reason)
+	}
+}
+
+func (os Observers) UntrackedDNAT(original, to netip.AddrPort, n int) {
+	for _, o := range os {
+		o.UntrackedDNAT(original, to, n)
 	}
 }

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -84,6 +85,8 @@ type Telemetry struct {
 	backendInfo       *prometheus.GaugeVec
 	verifications     *prometheus.CounterVec
 	verificationsSkip *prometheus.CounterVec
+	ready             prometheus.Gauge
+	untrackedDNAT     *prometheus.CounterVec
 
 	mu sync.Mutex
 	// lastSync is when the latest sync finished; zero before the first.
@@ -149,6 +152,14 @@ func New(o Options) *Telemetry {
 			Namespace: Namespace, Name: "verifications_skipped_total",
 			Help: "Reads of a family's rules skipped because nothing can have changed, by reason.",
 		}, []string{"reason"}),
+		ready: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "ready",
+			Help: "1 while /readyz would answer 200 (the latest sync succeeded), else 0.",
+		}),
+		untrackedDNAT: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: Namespace, Name: "untracked_dnat_connections_total",
+			Help: "Connections DNATed from destination (a Service ClusterIP, say) to one of our addresses, address, whose replies our rules untrack, so that they fail; seen in conntrack. Fix: list destination in --ip-address too, or run without --setup-iptables.",
+		}, []string{"destination", "address"}),
 	}
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Namespace: Namespace, Name: "build_info",
@@ -162,7 +173,7 @@ func New(o Options) *Telemetry {
 		build,
 		t.syncs, t.syncDuration, t.lastSuccess, t.repairs,
 		t.restores, t.restoreFailures, t.lockWaits, t.backendInfo,
-		t.verifications, t.verificationsSkip,
+		t.verifications, t.verificationsSkip, t.ready, t.untrackedDNAT,
 	)
 	for _, vs := range []struct {
 		vec    *prometheus.CounterVec
@@ -184,9 +195,11 @@ func (t *Telemetry) SyncFinished(r apply.SyncResult) {
 	t.syncDuration.Observe(r.Duration.Seconds())
 	if r.Err() != nil {
 		t.syncs.WithLabelValues("failure").Inc()
+		t.ready.Set(0)
 	} else {
 		t.syncs.WithLabelValues("success").Inc()
 		t.lastSuccess.Set(float64(now.UnixNano()) / 1e9)
+		t.ready.Set(1)
 	}
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -235,6 +248,11 @@ func (t *Telemetry) Verification(trigger string) { t.verifications.WithLabelValu
 // apply.Observer.
 func (t *Telemetry) VerificationSkipped(reason string) {
 	t.verificationsSkip.WithLabelValues(reason).Inc()
+}
+
+// UntrackedDNAT implements apply.Observer.
+func (t *Telemetry) UntrackedDNAT(original, to netip.AddrPort, n int) {
+	t.untrackedDNAT.WithLabelValues(original.String(), to.String()).Add(float64(n))
 }
 
 // Live reports whether the sync loop is alive: a sync finished, whatever

@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/netip"
 	"runtime"
 	"strings"
 	"sync"
@@ -179,6 +180,7 @@ var buildInfo = `apiserver_proxy_sidecar_build_info{goversion="` + runtime.Versi
 func TestSeriesExistFromTheStart(t *testing.T) {
 	tel, _ := newTest(time.Minute)
 	want := buildInfo + `apiserver_proxy_sidecar_last_successful_sync_timestamp_seconds 0
+apiserver_proxy_sidecar_ready 0
 apiserver_proxy_sidecar_repairs_total{object="address"} 0
 apiserver_proxy_sidecar_repairs_total{object="chain"} 0
 apiserver_proxy_sidecar_repairs_total{object="jump"} 0
@@ -254,6 +256,11 @@ func TestMetricsAfterSyncs(t *testing.T) {
 	tel.RestoreRan(render.IPv6, errors.New("exit status 2"))
 	tel.SyncFinished(apply.SyncResult{Duration: 8 * unit, Address: errors.New("address: operation not permitted")})
 
+	// Connections DNATed into our address whose replies we untrack.
+	clusterIP, proxy := netip.MustParseAddrPort("100.64.0.1:443"), netip.MustParseAddrPort("10.96.0.2:443")
+	tel.UntrackedDNAT(clusterIP, proxy, 3)
+	tel.UntrackedDNAT(clusterIP, proxy, 1)
+
 	want := buildInfo + `apiserver_proxy_sidecar_iptables_backend_info{backend="nft",family="IPv4"} 1
 apiserver_proxy_sidecar_iptables_backend_info{backend="nft",family="IPv6"} 1
 apiserver_proxy_sidecar_iptables_restore_failures_total{family="IPv4"} 1
@@ -261,6 +268,7 @@ apiserver_proxy_sidecar_iptables_restore_failures_total{family="IPv6"} 1
 apiserver_proxy_sidecar_iptables_restore_total{family="IPv4"} 3
 apiserver_proxy_sidecar_iptables_restore_total{family="IPv6"} 3
 apiserver_proxy_sidecar_last_successful_sync_timestamp_seconds 1.80000006e+09
+apiserver_proxy_sidecar_ready 0
 apiserver_proxy_sidecar_repairs_total{object="address"} 1
 apiserver_proxy_sidecar_repairs_total{object="chain"} 2
 apiserver_proxy_sidecar_repairs_total{object="jump"} 2
@@ -285,6 +293,7 @@ apiserver_proxy_sidecar_sync_duration_seconds_sum 5.521484375
 apiserver_proxy_sidecar_sync_duration_seconds_count 4
 apiserver_proxy_sidecar_syncs_total{result="failure"} 2
 apiserver_proxy_sidecar_syncs_total{result="success"} 2
+apiserver_proxy_sidecar_untracked_dnat_connections_total{address="10.96.0.2:443",destination="100.64.0.1:443"} 4
 apiserver_proxy_sidecar_verifications_skipped_total{reason="generation_unchanged"} 2
 apiserver_proxy_sidecar_verifications_total{trigger="address_event"} 1
 apiserver_proxy_sidecar_verifications_total{trigger="interval"} 1
