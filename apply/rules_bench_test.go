@@ -36,7 +36,7 @@ func benchListing(t render.Table) []string {
 // writes nothing; drifted (one chain flushed, one jump missing), it returns
 // the restore lines that repair the table.
 func BenchmarkRepair(b *testing.B) {
-	rs, err := render.RenderFamily(netip.MustParseAddr("10.96.0.2"), 443)
+	rs, err := render.RenderFamily([]netip.Addr{netip.MustParseAddr("10.96.0.2")}, 443)
 	if err != nil {
 		b.Fatal(err)
 	}

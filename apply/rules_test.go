@@ -92,7 +92,7 @@ func fakeProc(files map[string]string) func(string) ([]byte, error) {
 
 func ruleset(t *testing.T, addr string) *render.Ruleset {
 	t.Helper()
-	rs, err := render.RenderFamily(netip.MustParseAddr(addr), 443)
+	rs, err := render.RenderFamily([]netip.Addr{netip.MustParseAddr(addr)}, 443)
 	if err != nil {
 		t.Fatal(err)
 	}

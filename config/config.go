@@ -4,16 +4,20 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
 	"unicode"
 
 	"github.com/spf13/pflag"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
 // Flags holds the command-line values as given, before validation.
@@ -40,7 +44,7 @@ type Flags struct {
 // --iptables-backend, --iptables-timeout and the two bind addresses (named
 // as controller-runtime names them) are new.
 func (f *Flags) AddFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one IPv4 address, one IPv6 address, or one of each separated by a comma.")
+	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one address, or up to 8 separated by commas (IPv4 and IPv6 in any mix), such as the proxy's own address followed by the ClusterIP of the kubernetes Service to intercept.")
 	fs.StringVar(&f.Port, "port", "443", "[optional] port on which the proxy is listening.")
 	fs.StringVar(&f.Interface, "interface", "lo", "[optional] name of the interface to add address to.")
 	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
@@ -56,7 +60,8 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 
 // Config is the validated configuration.
 type Config struct {
-	// Addrs holds one or two addresses, at most one per family, IPv4 first.
+	// Addrs holds one to render.MaxAddresses distinct addresses: the IPv4
+	// ones first, then the IPv6 ones, each in the order given.
 	Addrs         []netip.Addr
 	Port          uint16
 	Interface     string
@@ -152,34 +157,39 @@ func flagError(flag, value string, err error) *FlagError {
 	return &FlagError{Flag: flag, Value: value, Reason: err.Error()}
 }
 
-// ParseAddresses parses one address, or a comma-separated pair of one IPv4
-// and one IPv6 address. It refuses prefixes, zones, unspecified, multicast
-// and IPv4-mapped IPv6 addresses, since none of them can be a proxy's
-// listening address on a node. The result is ordered IPv4 first.
+// ParseAddresses parses a comma-separated list of one to
+// render.MaxAddresses addresses, IPv4 and IPv6 in any mix, as node-local-dns
+// takes its -localip: the proxy's own address and the Service ClusterIPs it
+// intercepts. It refuses prefixes, zones, unspecified, multicast and
+// IPv4-mapped IPv6 addresses, since none of them can be a proxy's listening
+// address on a node, and an address listed twice. The result holds the
+// IPv4 addresses first, then the IPv6 ones, each in the order given.
 func ParseAddresses(s string) ([]netip.Addr, error) {
 	if s == "" {
 		return nil, errors.New("an address is required")
 	}
 	parts := strings.Split(s, ",")
-	if len(parts) > 2 {
-		return nil, errors.New("at most two addresses, one IPv4 and one IPv6")
+	if len(parts) > render.MaxAddresses {
+		return nil, fmt.Errorf("%d addresses; at most %d", len(parts), render.MaxAddresses)
 	}
 	addrs := make([]netip.Addr, 0, len(parts))
 	for _, p := range parts {
+		if p == "" {
+			return nil, errors.New("an empty entry in the list; separate addresses by one comma, without spaces")
+		}
 		a, err := parseAddress(p)
 		if err != nil {
 			return nil, err
 		}
+		if slices.Contains(addrs, a) {
+			return nil, fmt.Errorf("%s is listed twice", a)
+		}
 		addrs = append(addrs, a)
 	}
-	if len(addrs) == 2 {
-		if addrs[0].Is4() == addrs[1].Is4() {
-			return nil, errors.New("two addresses must be one IPv4 and one IPv6")
-		}
-		if addrs[1].Is4() {
-			addrs[0], addrs[1] = addrs[1], addrs[0]
-		}
-	}
+	// IPv4 first: the order in which the families' rulesets are loaded.
+	slices.SortStableFunc(addrs, func(a, b netip.Addr) int {
+		return cmp.Compare(a.BitLen(), b.BitLen())
+	})
 	return addrs, nil
 }
 

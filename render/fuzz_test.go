@@ -1,6 +1,7 @@
 package render_test
 
 import (
+	"net/netip"
 	"strings"
 	"testing"
 	"time"
@@ -18,6 +19,10 @@ func FuzzValidateRender(f *testing.F) {
 		{"10.96.0.2", "443", "lo"},
 		{"fd00::2", "8443", "dummy0"},
 		{"10.96.0.2,fd00::2", "1", "lo"},
+		{"10.96.0.2,100.64.0.1", "443", "apiserver-proxy"},
+		{"fd00::2,10.96.0.2,fd00:10:96::1,100.64.0.1", "443", "lo"},
+		{"10.96.0.2,10.96.0.2", "443", "lo"},
+		{"10.96.0.2,,fd00::2", "443", "lo"},
 		{"10.96.0.2\n-A INPUT -j DROP", "443", "lo"},
 		{"10.96.0.2", "443 -j DROP", "lo"},
 		{"fe80::1%eth0", "443", "lo"},
@@ -34,11 +39,20 @@ func FuzzValidateRender(f *testing.F) {
 		if err != nil {
 			t.Fatalf("validated input %q port %q was refused by render: %v", addr, port, err)
 		}
-		if len(rulesets) != len(cfg.Addrs) {
-			t.Fatalf("%d rulesets for %d addresses", len(rulesets), len(cfg.Addrs))
+		// cfg.Addrs holds the IPv4 addresses first: one ruleset per
+		// family, each with that family's addresses in order.
+		var families [][]netip.Addr
+		for i, a := range cfg.Addrs {
+			if i == 0 || a.Is4() != cfg.Addrs[i-1].Is4() {
+				families = append(families, nil)
+			}
+			families[len(families)-1] = append(families[len(families)-1], a)
+		}
+		if len(rulesets) != len(families) {
+			t.Fatalf("%d rulesets for %d families of %v", len(rulesets), len(families), cfg.Addrs)
 		}
 		for i, rs := range rulesets {
-			checkRuleset(t, rs, cfg.Addrs[i], cfg.Port)
+			checkRuleset(t, rs, families[i], cfg.Port)
 		}
 		// The printed text is the payloads and one comment line per family.
 		var want strings.Builder
@@ -49,7 +63,7 @@ func FuzzValidateRender(f *testing.F) {
 			} else {
 				want.WriteString("iptables-restore --noflush\n")
 			}
-			want.WriteString(wantPayload(wantTables(cfg.Addrs[i], cfg.Port)))
+			want.WriteString(wantPayload(wantTables(families[i], cfg.Port)))
 		}
 		if got := string(render.Format(rulesets)); got != want.String() {
 			t.Fatalf("Format for %q port %q:\n%s\nwant:\n%s", addr, port, got, want.String())

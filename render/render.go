@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"text/template"
 
@@ -45,6 +46,8 @@ func FamilyOf(a netip.Addr) Family {
 // Ruleset is everything the sidecar installs for one address family.
 type Ruleset struct {
 	Family Family
+	// Addrs are the addresses the rules are for, in the order rendered.
+	Addrs []netip.Addr
 	// Tables in the order they are loaded: raw, then filter.
 	Tables []Table
 	// payload is the template's output, the iptables-restore input for a
@@ -79,18 +82,35 @@ func (c Chain) JumpRule() string { return "-A " + c.Hook + " " + c.JumpSpec() }
 // ruleset on a node where none of it exists yet.
 func (r *Ruleset) Payload() []byte { return r.payload }
 
-// Render renders one ruleset per address, in the order given. addrs must
-// hold one or two addresses, at most one per family.
+// MaxAddresses is the most addresses one sidecar keeps: the proxy's own
+// address per family and a few Service ClusterIPs it intercepts. Each adds
+// five rules to every sync's comparison.
+const MaxAddresses = 8
+
+// Render renders one ruleset per address family, IPv4 first, holding the
+// rules of each of that family's addresses in the order given. addrs must
+// hold one to MaxAddresses distinct addresses.
 func Render(addrs []netip.Addr, port uint16) ([]*Ruleset, error) {
-	if len(addrs) == 0 || len(addrs) > 2 {
-		return nil, fmt.Errorf("want one or two addresses, got %d", len(addrs))
+	if len(addrs) == 0 || len(addrs) > MaxAddresses {
+		return nil, fmt.Errorf("want 1 to %d addresses, got %d", MaxAddresses, len(addrs))
 	}
-	if len(addrs) == 2 && FamilyOf(addrs[0]) == FamilyOf(addrs[1]) {
-		return nil, fmt.Errorf("two addresses of the same family: %s, %s", addrs[0], addrs[1])
+	var byFamily [2][]netip.Addr
+	for i, a := range addrs {
+		if slices.Contains(addrs[:i], a) {
+			return nil, fmt.Errorf("address %s given twice", a)
+		}
+		f := 0
+		if FamilyOf(a) == IPv6 {
+			f = 1
+		}
+		byFamily[f] = append(byFamily[f], a)
 	}
-	out := make([]*Ruleset, 0, len(addrs))
-	for _, a := range addrs {
-		rs, err := RenderFamily(a, port)
+	var out []*Ruleset
+	for _, family := range byFamily {
+		if len(family) == 0 {
+			continue
+		}
+		rs, err := RenderFamily(family, port)
 		if err != nil {
 			return nil, err
 		}
@@ -99,20 +119,31 @@ func Render(addrs []netip.Addr, port uint16) ([]*Ruleset, error) {
 	return out, nil
 }
 
-// RenderFamily renders the ruleset for one address.
-func RenderFamily(addr netip.Addr, port uint16) (*Ruleset, error) {
-	switch {
-	case !addr.IsValid():
+// RenderFamily renders the ruleset for addresses of one family, in the
+// order given.
+func RenderFamily(addrs []netip.Addr, port uint16) (*Ruleset, error) {
+	if len(addrs) == 0 {
 		return nil, errors.New("no address")
-	case addr.Zone() != "" || addr.Is4In6() || addr.IsUnspecified():
-		return nil, fmt.Errorf("address %s cannot be rendered", addr)
-	case port == 0:
+	}
+	if port == 0 {
 		return nil, errors.New("port 0 cannot be rendered")
 	}
+	prefixes := make([]netip.Prefix, 0, len(addrs))
+	for _, addr := range addrs {
+		switch {
+		case !addr.IsValid():
+			return nil, errors.New("an invalid address")
+		case addr.Zone() != "" || addr.Is4In6() || addr.IsUnspecified():
+			return nil, fmt.Errorf("address %s cannot be rendered", addr)
+		case FamilyOf(addr) != FamilyOf(addrs[0]):
+			return nil, fmt.Errorf("addresses of two families in one ruleset: %s, %s", addrs[0], addr)
+		}
+		prefixes = append(prefixes, netip.PrefixFrom(addr, addr.BitLen()))
+	}
 	data := struct {
-		Prefix netip.Prefix
-		Port   uint16
-	}{netip.PrefixFrom(addr, addr.BitLen()), port}
+		Prefixes []netip.Prefix
+		Port     uint16
+	}{prefixes, port}
 
 	var buf bytes.Buffer
 	if err := ruleset.Execute(&buf, data); err != nil {
@@ -122,7 +153,8 @@ func RenderFamily(addr netip.Addr, port uint16) (*Ruleset, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", templates.Ruleset, err)
 	}
-	rs.Family = FamilyOf(addr)
+	rs.Family = FamilyOf(addrs[0])
+	rs.Addrs = slices.Clone(addrs)
 	return rs, nil
 }
 

@@ -27,6 +27,10 @@ var goldenCases = []struct {
 	{"ipv4-port-8443.rules", []string{"10.96.0.2"}, 8443},
 	{"ipv6.rules", []string{"fd00::2"}, 443},
 	{"dual-stack.rules", []string{"10.96.0.2", "fd00::2"}, 443},
+	// The proxy address and the kubernetes Service ClusterIP it intercepts.
+	{"ipv4-clusterip.rules", []string{"10.96.0.2", "100.64.0.1"}, 443},
+	// Dual-stack, with a ClusterIP per family.
+	{"dual-stack-clusterip.rules", []string{"10.96.0.2", "100.64.0.1", "fd00::2", "fd00:10:96::1"}, 443},
 }
 
 func TestGolden(t *testing.T) {
@@ -56,30 +60,30 @@ func TestGolden(t *testing.T) {
 }
 
 // wantTables is the ruleset written out by hand, independently of the
-// template and of the golden files, so neither can drift unnoticed.
-func wantTables(addr netip.Addr, port uint16) []render.Table {
-	p := netip.PrefixFrom(addr, addr.BitLen())
-	rule := func(chain, dir string, target string) string {
-		flag := map[string]string{"d": "dport", "s": "sport"}[dir]
-		return fmt.Sprintf("-A %s -%s %s -p tcp -m tcp --%s %d -j %s", chain, dir, p, flag, port, target)
+// template and of the golden files, so neither can drift unnoticed: the
+// five rules of the original sidecar for each address, address after
+// address within each chain.
+func wantTables(addrs []netip.Addr, port uint16) []render.Table {
+	rules := func(chain string, dirs ...string) []string {
+		var out []string
+		for _, addr := range addrs {
+			p := netip.PrefixFrom(addr, addr.BitLen())
+			for _, d := range dirs {
+				dir, target, _ := strings.Cut(d, " ")
+				flag := map[string]string{"d": "dport", "s": "sport"}[dir]
+				out = append(out, fmt.Sprintf("-A %s -%s %s -p tcp -m tcp --%s %d -j %s", chain, dir, p, flag, port, target))
+			}
+		}
+		return out
 	}
 	return []render.Table{
 		{Name: "raw", Chains: []render.Chain{
-			{Name: "APISERVER-PROXY-PREROUTING", Hook: "PREROUTING", Rules: []string{
-				rule("APISERVER-PROXY-PREROUTING", "d", "NOTRACK"),
-			}},
-			{Name: "APISERVER-PROXY-OUTPUT", Hook: "OUTPUT", Rules: []string{
-				rule("APISERVER-PROXY-OUTPUT", "d", "NOTRACK"),
-				rule("APISERVER-PROXY-OUTPUT", "s", "NOTRACK"),
-			}},
+			{Name: "APISERVER-PROXY-PREROUTING", Hook: "PREROUTING", Rules: rules("APISERVER-PROXY-PREROUTING", "d NOTRACK")},
+			{Name: "APISERVER-PROXY-OUTPUT", Hook: "OUTPUT", Rules: rules("APISERVER-PROXY-OUTPUT", "d NOTRACK", "s NOTRACK")},
 		}},
 		{Name: "filter", Chains: []render.Chain{
-			{Name: "APISERVER-PROXY-INPUT", Hook: "INPUT", Rules: []string{
-				rule("APISERVER-PROXY-INPUT", "d", "ACCEPT"),
-			}},
-			{Name: "APISERVER-PROXY-OUTPUT", Hook: "OUTPUT", Rules: []string{
-				rule("APISERVER-PROXY-OUTPUT", "s", "ACCEPT"),
-			}},
+			{Name: "APISERVER-PROXY-INPUT", Hook: "INPUT", Rules: rules("APISERVER-PROXY-INPUT", "d ACCEPT")},
+			{Name: "APISERVER-PROXY-OUTPUT", Hook: "OUTPUT", Rules: rules("APISERVER-PROXY-OUTPUT", "s ACCEPT")},
 		}},
 	}
 }
@@ -106,14 +110,18 @@ func wantPayload(tables []render.Table) string {
 	return b.String()
 }
 
-// checkRuleset asserts the whole structure of rs: five rules in the right
-// tables and chains, four jumps, nothing else, in canonical form.
-func checkRuleset(t *testing.T, rs *render.Ruleset, addr netip.Addr, port uint16) {
+// checkRuleset asserts the whole structure of rs: five rules per address
+// in the right tables and chains, four jumps, nothing else, in canonical
+// form.
+func checkRuleset(t *testing.T, rs *render.Ruleset, addrs []netip.Addr, port uint16) {
 	t.Helper()
-	if want := render.FamilyOf(addr); rs.Family != want {
+	if want := render.FamilyOf(addrs[0]); rs.Family != want {
 		t.Errorf("family = %v, want %v", rs.Family, want)
 	}
-	want := wantTables(addr, port)
+	if diff := cmp.Diff(addrs, rs.Addrs, cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); diff != "" {
+		t.Errorf("addresses (-want +got):\n%s", diff)
+	}
+	want := wantTables(addrs, port)
 	if diff := cmp.Diff(want, rs.Tables); diff != "" {
 		t.Errorf("tables (-want +got):\n%s", diff)
 	}
@@ -126,29 +134,33 @@ func checkRuleset(t *testing.T, rs *render.Ruleset, addr netip.Addr, port uint16
 			rules += len(c.Rules)
 		}
 	}
-	if rules != 5 {
-		t.Errorf("%d rules, want 5", rules)
+	if rules != 5*len(addrs) {
+		t.Errorf("%d rules, want %d", rules, 5*len(addrs))
 	}
 }
 
 func TestRenderStructure(t *testing.T) {
 	for _, tc := range []struct {
-		addr string
-		port uint16
+		addrs []string
+		port  uint16
 	}{
-		{"10.96.0.2", 443},
-		{"10.96.0.2", 8443},
-		{"192.168.255.254", 1},
-		{"fd00::2", 443},
-		{"2001:db8::a:0:0:1", 65535},
+		{[]string{"10.96.0.2"}, 443},
+		{[]string{"10.96.0.2"}, 8443},
+		{[]string{"192.168.255.254"}, 1},
+		{[]string{"fd00::2"}, 443},
+		{[]string{"2001:db8::a:0:0:1"}, 65535},
+		{[]string{"10.96.0.2", "100.64.0.1"}, 443},
+		{[]string{"100.64.0.1", "10.96.0.2"}, 443}, // the order given
+		{[]string{"fd00::2", "fd00:10:96::1", "2001:db8::1"}, 6443},
+		{[]string{"10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8"}, 443},
 	} {
-		t.Run(fmt.Sprintf("%s:%d", tc.addr, tc.port), func(t *testing.T) {
-			addr := netip.MustParseAddr(tc.addr)
-			rs, err := render.RenderFamily(addr, tc.port)
+		t.Run(fmt.Sprintf("%s:%d", strings.Join(tc.addrs, ","), tc.port), func(t *testing.T) {
+			addrs := mustAddrs(t, tc.addrs...)
+			rs, err := render.RenderFamily(addrs, tc.port)
 			if err != nil {
 				t.Fatal(err)
 			}
-			checkRuleset(t, rs, addr, tc.port)
+			checkRuleset(t, rs, addrs, tc.port)
 		})
 	}
 }
@@ -176,7 +188,7 @@ func TestCanonicalForm(t *testing.T) {
 			"-A APISERVER-PROXY-OUTPUT -s fd00::2/128 -p tcp -m tcp --sport 443 -j ACCEPT",
 		}},
 	} {
-		rs, err := render.RenderFamily(netip.MustParseAddr(tc.addr), 443)
+		rs, err := render.RenderFamily([]netip.Addr{netip.MustParseAddr(tc.addr)}, 443)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -192,8 +204,9 @@ func TestCanonicalForm(t *testing.T) {
 	}
 }
 
+// TestJumps proves one jump per chain, however many addresses.
 func TestJumps(t *testing.T) {
-	rs, err := render.RenderFamily(netip.MustParseAddr("10.96.0.2"), 443)
+	rs, err := render.RenderFamily(mustAddrs(t, "10.96.0.2", "100.64.0.1"), 443)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -222,9 +235,9 @@ func TestRenderRefuses(t *testing.T) {
 	}{
 		"no address":       {nil, 443},
 		"zero address":     {[]netip.Addr{{}}, 443},
-		"three addresses":  {[]netip.Addr{v4, v6, v4}, 443},
-		"two IPv4":         {[]netip.Addr{v4, netip.MustParseAddr("10.96.0.3")}, 443},
-		"two IPv6":         {[]netip.Addr{v6, netip.MustParseAddr("fd00::3")}, 443},
+		"nine addresses":   {mustAddrs(t, "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8", "fd00::2"), 443},
+		"IPv4 twice":       {[]netip.Addr{v4, v6, v4}, 443},
+		"IPv6 twice":       {[]netip.Addr{v6, netip.MustParseAddr("fd00:0::2")}, 443},
 		"zone":             {[]netip.Addr{netip.MustParseAddr("fe80::1%eth0")}, 443},
 		"unspecified IPv4": {[]netip.Addr{netip.IPv4Unspecified()}, 443},
 		"unspecified IPv6": {[]netip.Addr{netip.IPv6Unspecified()}, 443},
@@ -235,6 +248,23 @@ func TestRenderRefuses(t *testing.T) {
 			t.Errorf("%s: Render succeeded, want an error; got:\n%s", name, render.Format(rs))
 		}
 	}
+	if rs, err := render.RenderFamily([]netip.Addr{v4, v6}, 443); err == nil {
+		t.Errorf("RenderFamily of two families succeeded, want an error; got:\n%s", rs.Payload())
+	}
+}
+
+// TestRenderGroupsFamilies proves that a mixed list becomes one ruleset per
+// family, IPv4 first, each with its addresses in the order given.
+func TestRenderGroupsFamilies(t *testing.T) {
+	rulesets, err := render.Render(mustAddrs(t, "fd00::2", "100.64.0.1", "fd00:10:96::1", "10.96.0.2"), 443)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rulesets) != 2 {
+		t.Fatalf("%d rulesets, want 2", len(rulesets))
+	}
+	checkRuleset(t, rulesets[0], mustAddrs(t, "100.64.0.1", "10.96.0.2"), 443)
+	checkRuleset(t, rulesets[1], mustAddrs(t, "fd00::2", "fd00:10:96::1"), 443)
 }
 
 func mustAddrs(t *testing.T, ss ...string) []netip.Addr {
