@@ -189,7 +189,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 
 	switch {
 	case !cfg.Daemon && cfg.Cleanup:
-		return cleanup(sidecar)
+		return cleanup(sidecar, cfg.SetupIPTables)
 	case !cfg.Daemon:
 		if err := sidecar.Sync(context.WithoutCancel(ctx)); err != nil {
 			return err
@@ -213,7 +213,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	klog.InfoS("Stopping")
 	stopTelemetry(listeners)
 	if cfg.Cleanup {
-		return cleanup(sidecar)
+		return cleanup(sidecar, cfg.SetupIPTables)
 	}
 	klog.InfoS("Leaving address and rules in place (no --cleanup)")
 	return nil
@@ -286,12 +286,26 @@ func stopTelemetry(l *telemetry.Listeners) {
 // termination grace period.
 const cleanupTimeout = 20 * time.Second
 
-func cleanup(sidecar *apply.Sidecar) error {
+// cleanup removes everything of ours and logs each thing it removed, or
+// that nothing of ours was there. Without --setup-iptables it leaves every
+// rule alone, and says so.
+func cleanup(sidecar *apply.Sidecar, setupIPTables bool) error {
 	ctx, cancel := context.WithTimeout(context.Background(), cleanupTimeout)
 	defer cancel()
-	if err := sidecar.Cleanup(ctx); err != nil {
+	removed, err := sidecar.Cleanup(ctx)
+	for _, r := range removed {
+		klog.InfoS("Removed", "what", r)
+	}
+	if !setupIPTables {
+		klog.InfoS("Left iptables rules alone (no --setup-iptables)")
+	}
+	if err != nil {
 		return fmt.Errorf("cleanup: %w", err)
 	}
-	klog.InfoS("Removed our address and rules")
+	if len(removed) == 0 {
+		klog.InfoS("Nothing of ours was there to remove")
+		return nil
+	}
+	klog.InfoS("Removed everything of ours", "count", len(removed))
 	return nil
 }

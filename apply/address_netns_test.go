@@ -116,10 +116,10 @@ func wantEnsure(t *testing.T, a *Address, want ...string) {
 
 func wantCleanup(t *testing.T, a *Address) {
 	t.Helper()
-	if err := a.Cleanup(); err != nil {
+	if _, err := a.Cleanup(); err != nil {
 		t.Fatalf("Cleanup() error: %v", err)
 	}
-	if err := a.Cleanup(); err != nil {
+	if _, err := a.Cleanup(); err != nil {
 		t.Fatalf("second Cleanup() error: %v", err)
 	}
 }
@@ -144,7 +144,7 @@ func wantLinkUp(t *testing.T, ns *netnstest.NS, dev string, up bool) {
 // recreating, setting up and deleting the link is still proven against the
 // real kernel.
 type ifbForDummy struct {
-	*netlink.Handle
+	*rtnl
 	t testing.TB
 	// substituted counts the dummy links created as ifb links.
 	substituted int
@@ -156,7 +156,7 @@ func (h *ifbForDummy) LinkAdd(link netlink.Link) error {
 		h.substituted++
 		link = &netlink.Ifb{LinkAttrs: d.LinkAttrs}
 	}
-	return h.Handle.LinkAdd(link)
+	return h.rtnl.LinkAdd(link)
 }
 
 // newCreatingAddress returns an Address in ns, for a test in which it
@@ -164,10 +164,14 @@ func (h *ifbForDummy) LinkAdd(link netlink.Link) error {
 // and otherwise through ifbForDummy.
 func newCreatingAddress(t *testing.T, ns *netnstest.NS, iface string) *Address {
 	t.Helper()
-	nh := ns.Handle(t)
+	nh, err := newRTNL(ns.NetNS(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(nh.Close)
 	var h netlinkHandle = nh
 	if !ns.SupportsLinkKind(t, "dummy") {
-		h = &ifbForDummy{Handle: nh, t: t}
+		h = &ifbForDummy{rtnl: nh, t: t}
 	}
 	return NewAddress(h, iface, []netip.Addr{addrV4, addrV6})
 }
@@ -231,11 +235,18 @@ func TestAddressInNamespace(t *testing.T) {
 			},
 		},
 		{
-			name:  "addresses on another link move to ours",
+			name:  "addresses of ours on another link move to ours",
 			iface: "lo",
 			setup: func(t *testing.T, ns *netnstest.NS) {
-				addIPAddr(t, ns, "other0", "10.96.0.2/32")
-				addIPAddr(t, ns, "other0", "fd00::2/128")
+				// An earlier run kept them on other0, with our mark.
+				earlier, err := NewAddressAt(ns.NetNS(t), "other0", []netip.Addr{addrV4, addrV6})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer earlier.Close()
+				if _, err := earlier.Ensure(); err != nil {
+					t.Fatal(err)
+				}
 			},
 			run: func(t *testing.T, ns *netnstest.NS, a *Address) {
 				wantEnsure(t, a,
@@ -244,6 +255,26 @@ func TestAddressInNamespace(t *testing.T) {
 					"address added fd00::2/128 on lo",
 					"address removed fd00::2/128 on other0")
 				wantManagedOn(t, ns, "lo")
+				wantEnsure(t, a)
+			},
+		},
+		{
+			name:  "addresses another agent holds on another link stay there",
+			iface: "lo",
+			setup: func(t *testing.T, ns *netnstest.NS) {
+				addIPAddr(t, ns, "other0", "10.96.0.2/32")
+				addIPAddr(t, ns, "other0", "fd00::2/128")
+			},
+			run: func(t *testing.T, ns *netnstest.NS, a *Address) {
+				wantEnsure(t, a,
+					"address added 10.96.0.2/32 on lo",
+					"address added fd00::2/128 on lo")
+				out := ns.Run(t, "ip", "-o", "addr", "show", "dev", "other0")
+				for _, want := range []string{"10.96.0.2/32", "fd00::2/128"} {
+					if !strings.Contains(out, " "+want+" ") {
+						t.Errorf("%s was removed from other0:\n%s", want, out)
+					}
+				}
 				wantEnsure(t, a)
 			},
 		},

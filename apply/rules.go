@@ -161,8 +161,12 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 	}
 	if !r.otherClean {
-		if err := r.cleanupIn(ctx, r.backend.other()); err != nil {
+		gone, err := r.cleanupIn(ctx, r.backend.other())
+		if err != nil {
 			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", r.backend.other(), err)
+		}
+		for _, g := range gone {
+			klog.InfoS("Removed our rules from the iptables backend not in use", "family", r.ruleset.Family, "removed", g.String())
 		}
 		r.otherClean = true
 	}
@@ -274,32 +278,64 @@ func (r *Rules) oursIn(ctx context.Context, b Backend) (bool, error) {
 // else. A backend whose programs are missing holds nothing of ours (we
 // could not have written there). It writes nothing where nothing of ours
 // exists.
-func (r *Rules) Cleanup(ctx context.Context) error {
+func (r *Rules) Cleanup(ctx context.Context) ([]Removal, error) {
+	var removed []Removal
 	var errs []error
 	for _, b := range []Backend{BackendNFT, BackendLegacy} {
-		if err := r.cleanupIn(ctx, b); err != nil {
+		gone, err := r.cleanupIn(ctx, b)
+		removed = append(removed, gone...)
+		if err != nil {
 			errs = append(errs, fmt.Errorf("%s backend: %w", b, err))
 		}
 	}
-	return errors.Join(errs...)
+	return removed, errors.Join(errs...)
 }
 
-func (r *Rules) cleanupIn(ctx context.Context, b Backend) error {
+// Removal is one chain of ours, or one rule jumping to it, that Cleanup
+// removed.
+type Removal struct {
+	Backend Backend
+	Table   string
+	// Object is "chain" or "jump".
+	Object string
+	// Chain is our chain; for a jump, Hook is the built-in chain it was in.
+	Chain, Hook string
+}
+
+// String returns "nft raw chain APISERVER-PROXY-OUTPUT" or "nft raw jump
+// to APISERVER-PROXY-OUTPUT from OUTPUT".
+func (m Removal) String() string {
+	if m.Object == "jump" {
+		return fmt.Sprintf("%s %s jump to %s from %s", m.Backend, m.Table, m.Chain, m.Hook)
+	}
+	return fmt.Sprintf("%s %s chain %s", m.Backend, m.Table, m.Chain)
+}
+
+func (r *Rules) cleanupIn(ctx context.Context, b Backend) ([]Removal, error) {
 	if r.run.lookPath(b, r.ruleset.Family) != nil {
-		return nil
+		return nil, nil
 	}
 	states, err := r.readAll(ctx, b)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var payload []string
+	var removed []Removal
 	for i, t := range r.ruleset.Tables {
-		payload = append(payload, teardown(t, states[i])...)
+		lines, gone := teardown(t, states[i])
+		payload = append(payload, lines...)
+		for _, g := range gone {
+			g.Backend = b
+			removed = append(removed, g)
+		}
 	}
 	if len(payload) == 0 {
-		return nil
+		return nil, nil
 	}
-	return r.restore(ctx, b, payload)
+	if err := r.restore(ctx, b, payload); err != nil {
+		return nil, err
+	}
+	return removed, nil
 }
 
 // tableState is what one table holds of ours.
@@ -561,21 +597,25 @@ func repair(t render.Table, st tableState) ([]string, []Drift) {
 }
 
 // teardown returns the restore lines that remove our chains and every rule
-// in a built-in chain that targets them from table t.
-func teardown(t render.Table, st tableState) []string {
+// in a built-in chain that targets them from table t, and what they
+// remove.
+func teardown(t render.Table, st tableState) ([]string, []Removal) {
 	var flush, del, drop []string
+	var removed []Removal
 	for _, c := range t.Chains {
 		if _, ok := st.chains[c.Name]; ok {
 			flush = append(flush, declare(c.Name))
 			drop = append(drop, "-X "+c.Name)
+			removed = append(removed, Removal{Table: t.Name, Object: "chain", Chain: c.Name})
 		}
 	}
 	for _, h := range hooks(t) {
 		for _, rule := range st.refs[h] {
 			del = append(del, "-D"+strings.TrimPrefix(rule, "-A"))
+			removed = append(removed, Removal{Table: t.Name, Object: "jump", Chain: target(rule), Hook: h})
 		}
 	}
-	return block(t.Name, flush, del, drop)
+	return block(t.Name, flush, del, drop), removed
 }
 
 // declare is the restore line that creates chain, or empties it if it

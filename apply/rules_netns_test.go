@@ -194,14 +194,14 @@ func TestRulesNetns(t *testing.T) {
 			}
 
 			// Cleanup removes all of ours and nothing else.
-			if err := r.Cleanup(ctx); err != nil {
+			if _, err := r.Cleanup(ctx); err != nil {
 				t.Fatal(err)
 			}
 			if got := kernelRules(t, ns, tc.backend, rs); len(got) != 0 {
 				t.Errorf("after cleanup, still in the kernel: %q", got)
 			}
 			ex.takeRan()
-			if err := r.Cleanup(ctx); err != nil {
+			if _, err := r.Cleanup(ctx); err != nil {
 				t.Fatal(err)
 			}
 			for _, ran := range ex.takeRan() {
@@ -254,7 +254,7 @@ func TestRulesNetnsForeignRulesUntouched(t *testing.T) {
 			if diff := cmp.Diff(before, foreign()); diff != "" {
 				t.Errorf("repair changed foreign rules (-before +after):\n%s", diff)
 			}
-			if err := r.Cleanup(ctx); err != nil {
+			if _, err := r.Cleanup(ctx); err != nil {
 				t.Fatal(err)
 			}
 			after := foreign()

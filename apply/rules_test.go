@@ -416,14 +416,14 @@ func TestRulesCleanup(t *testing.T) {
 				"-X APISERVER-PROXY-PREROUTING\n-X APISERVER-PROXY-OUTPUT\nCOMMIT\n" +
 				"*filter\n:APISERVER-PROXY-INPUT - [0:0]\n-D INPUT -j APISERVER-PROXY-INPUT\n-X APISERVER-PROXY-INPUT\nCOMMIT\n"})
 		r, _ := newRules(t, BackendNFT, rs, nil, calls...)
-		if err := r.Cleanup(context.Background()); err != nil {
+		if _, err := r.Cleanup(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	})
 	t.Run("nothing of ours: no write", func(t *testing.T) {
 		calls := nftListing("iptables-nft", "", "", "-P PREROUTING ACCEPT\n", "-P OUTPUT ACCEPT\n", "", "", "-P INPUT ACCEPT\n-A INPUT -j KUBE-FIREWALL\n", "-P OUTPUT ACCEPT\n")
 		r, _ := newRules(t, BackendNFT, rs, nil, calls...)
-		if err := r.Cleanup(context.Background()); err != nil {
+		if _, err := r.Cleanup(context.Background()); err != nil {
 			t.Fatal(err)
 		}
 	})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -29,13 +30,15 @@ func (s *Sidecar) Sync(ctx context.Context) error {
 	return s.verify(ctx, TriggerStartup, everything)
 }
 
-// scope is what a verification checks.
-type scope struct{ address, rules bool }
+// scope is what a verification checks: the configured addresses and the
+// link, the rules, and whether addresses of ours that are no longer
+// configured are looked for (see Address.Sweep).
+type scope struct{ address, rules, stale bool }
 
-var everything = scope{address: true, rules: true}
+var everything = scope{address: true, rules: true, stale: true}
 
 // scopeOf is what a trigger may concern: an address or link event only the
-// address and link, an nftables event only the rules, anything else both.
+// address and link, an nftables event only the rules, anything else all.
 func scopeOf(t Trigger) scope {
 	switch t {
 	case TriggerAddress, TriggerLink:
@@ -46,7 +49,26 @@ func scopeOf(t Trigger) scope {
 	return everything
 }
 
-func (a scope) or(b scope) scope { return scope{a.address || b.address, a.rules || b.rules} }
+func (a scope) or(b scope) scope {
+	return scope{a.address || b.address, a.rules || b.rules, a.stale || b.stale}
+}
+
+// String lists what the scope checks: "address,rules,stale".
+func (a scope) String() string {
+	var parts []string
+	for _, p := range []struct {
+		on   bool
+		name string
+	}{{a.address, "address"}, {a.rules, "rules"}, {a.stale, "stale"}} {
+		if p.on {
+			parts = append(parts, p.name)
+		}
+	}
+	if len(parts) == 0 {
+		return "nothing"
+	}
+	return strings.Join(parts, ",")
+}
 
 // verify syncs what sc names once.
 func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
@@ -62,6 +84,17 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 		}
 		if err != nil {
 			res.Address = fmt.Errorf("address: %w", err)
+		}
+	}
+	if sc.stale {
+		stale, err := s.address.Sweep()
+		for _, r := range stale {
+			klog.InfoS("Removed an address of ours that is no longer configured", "address", r.Prefix, "link", r.Link)
+			s.observer.Repaired(r.Kind.Object())
+		}
+		repairs = append(repairs, stale...)
+		if err != nil {
+			res.Address = errors.Join(res.Address, fmt.Errorf("address: %w", err))
 		}
 	}
 	var errs []error
@@ -88,7 +121,9 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 	res.Rules = errors.Join(errs...)
 	res.Duration = time.Since(res.Started)
 	s.observer.SyncFinished(res)
-	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "address", sc.address, "rules", sc.rules)
+	checked := sc
+	checked.rules = sc.rules && len(s.rules) > 0
+	klog.V(2).InfoS("Sync finished", "trigger", trigger, "duration", res.Duration, "repairs", len(repairs)+drifted, "ok", res.Err() == nil, "checked", checked.String())
 	return res.Err()
 }
 
@@ -202,6 +237,10 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			timer.Stop()
 			sync(t, sc.or(scope{rules: true}))
 		case t := <-events:
+			if t == TriggerNFTables && !s.nftablesConcernsUs() {
+				// Another agent's nftables change: our rules are not there.
+				continue
+			}
 			d.add(time.Now(), t)
 			wait, _ := due(time.Now())
 			timer.Reset(wait)
@@ -257,18 +296,45 @@ func (d *debounce) takeAll() (Trigger, scope) {
 	return t, sc
 }
 
-// Cleanup removes our jumps and chains from every family, then our address,
-// and the link if this process created it. It tries every step and joins
-// the errors.
-func (s *Sidecar) Cleanup(ctx context.Context) error {
+// nftablesConcernsUs reports whether an nftables event may concern our
+// rules: false once every family's rules are kept with the legacy
+// backend, which nftables events never describe.
+func (s *Sidecar) nftablesConcernsUs() bool {
+	for _, r := range s.rules {
+		if r.Backend() != BackendLegacy {
+			return true
+		}
+	}
+	return len(s.rules) == 0
+}
+
+// Cleanup removes our jumps and chains from every family and both
+// backends, then every address of ours, and the link if it is ours (see
+// Address.Cleanup). It tries every step, and returns what it removed, one
+// line each ("IPv4 nft raw chain APISERVER-PROXY-OUTPUT", "address
+// 10.96.0.2/32 on lo"), and the errors joined.
+func (s *Sidecar) Cleanup(ctx context.Context) ([]string, error) {
+	var removed []string
 	var errs []error
 	for _, r := range s.rules {
-		if err := r.Cleanup(ctx); err != nil {
+		gone, err := r.Cleanup(ctx)
+		for _, g := range gone {
+			removed = append(removed, fmt.Sprintf("%s %s", r.Family(), g))
+		}
+		if err != nil {
 			errs = append(errs, fmt.Errorf("%s rules: %w", r.Family(), err))
 		}
 	}
-	if err := s.address.Cleanup(); err != nil {
+	gone, err := s.address.Cleanup()
+	for _, g := range gone {
+		if g.Kind == RepairLinkDeleted {
+			removed = append(removed, "link "+g.Link)
+			continue
+		}
+		removed = append(removed, fmt.Sprintf("address %s on %s", g.Prefix, g.Link))
+	}
+	if err != nil {
 		errs = append(errs, fmt.Errorf("address: %w", err))
 	}
-	return errors.Join(errs...)
+	return removed, errors.Join(errs...)
 }

@@ -58,7 +58,7 @@ func TestSidecarCleanupTriesEverything(t *testing.T) {
 	calls := []call{{argv: "iptables-nft -t raw -S APISERVER-PROXY-PREROUTING", exit: 4, stderr: "Permission denied\n"}}
 	rules, stats := newRules(t, BackendNFT, rs, nil, calls...)
 	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), []*Rules{rules}, stats)
-	err := s.Cleanup(context.Background())
+	_, err := s.Cleanup(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "IPv4 rules") {
 		t.Fatalf("Cleanup error %v, want the rules failure", err)
 	}
