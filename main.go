@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -184,6 +185,13 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 		}
 	}
 	sidecar := apply.NewSidecar(address, rules, tel)
+	if cfg.SetupIPTables {
+		retired, err := retiredRules(rulesets, tel, cfg.IPTablesTimeout)
+		if err != nil {
+			return err
+		}
+		sidecar.Retire(retired...)
+	}
 	klog.InfoS("Starting", "version", version, "addresses", cfg.Addrs, "port", cfg.Port, "interface", cfg.Interface,
 		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "iptablesTimeout", cfg.IPTablesTimeout, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)
 
@@ -217,6 +225,26 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	}
 	klog.InfoS("Leaving address and rules in place (no --cleanup)")
 	return nil
+}
+
+// retiredRules returns Rules for each address family that no ruleset is
+// for: what an earlier configuration may have left there is ours to remove.
+func retiredRules(rulesets []*render.Ruleset, o apply.Observer, timeout time.Duration) ([]*apply.Rules, error) {
+	var out []*apply.Rules
+	for _, f := range []render.Family{render.IPv4, render.IPv6} {
+		if slices.ContainsFunc(rulesets, func(rs *render.Ruleset) bool { return rs.Family == f }) {
+			continue
+		}
+		rs, err := render.Chains(f)
+		if err != nil {
+			return nil, err
+		}
+		// Removal only: the backend is never chosen for these.
+		r := apply.NewRules(utilexec.New(), apply.BackendAuto, rs, o)
+		r.SetTimeout(timeout)
+		out = append(out, r)
+	}
+	return out, nil
 }
 
 // logResourceUse logs, at exit and at -v=2, the CPU time of the process

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -16,6 +17,12 @@ type Sidecar struct {
 	address  *Address
 	rules    []*Rules
 	observer Observer
+	// retired are Rules for the families no configured address belongs
+	// to: chains of ours left there by an earlier configuration are
+	// removed at the first full sync and by Cleanup. retiredClean is set
+	// once they were.
+	retired      []*Rules
+	retiredClean bool
 }
 
 // NewSidecar returns a Sidecar that keeps address and, if rules is not
@@ -23,6 +30,12 @@ type Sidecar struct {
 func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
 	return &Sidecar{address: address, rules: rules, observer: o}
 }
+
+// Retire has the sidecar remove our chains from the families of retired
+// (built from render.Chains) at its first full sync, and at Cleanup: a
+// family whose addresses were all dropped from --ip-address keeps nothing
+// of ours.
+func (s *Sidecar) Retire(retired ...*Rules) { s.retired = append(s.retired, retired...) }
 
 // Sync ensures the address, then the rules of each family, once. A failure
 // of one does not stop the others; the errors are joined.
@@ -117,6 +130,20 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("%s rules: %w", r.Family(), err))
 		}
+	}
+	if sc.stale && !s.retiredClean {
+		clean := true
+		for _, r := range s.retired {
+			gone, err := r.Cleanup(ctx)
+			for _, g := range gone {
+				klog.InfoS("Removed rules of ours from a family no address is configured for", "family", r.Family(), "removed", g.String())
+			}
+			if err != nil {
+				clean = false
+				errs = append(errs, fmt.Errorf("removing our %s rules: %w", r.Family(), err))
+			}
+		}
+		s.retiredClean = clean
 	}
 	res.Rules = errors.Join(errs...)
 	res.Duration = time.Since(res.Started)
@@ -235,7 +262,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 				t = TriggerInterval
 			}
 			timer.Stop()
-			sync(t, sc.or(scope{rules: true}))
+			sync(t, sc.or(scope{rules: true, stale: true}))
 		case t := <-events:
 			if t == TriggerNFTables && !s.nftablesConcernsUs() {
 				// Another agent's nftables change: our rules are not there.
@@ -316,7 +343,7 @@ func (s *Sidecar) nftablesConcernsUs() bool {
 func (s *Sidecar) Cleanup(ctx context.Context) ([]string, error) {
 	var removed []string
 	var errs []error
-	for _, r := range s.rules {
+	for _, r := range append(slices.Clip(s.rules), s.retired...) {
 		gone, err := r.Cleanup(ctx)
 		for _, g := range gone {
 			removed = append(removed, fmt.Sprintf("%s %s", r.Family(), g))

@@ -140,11 +140,32 @@ func RenderFamily(addrs []netip.Addr, port uint16) (*Ruleset, error) {
 		}
 		prefixes = append(prefixes, netip.PrefixFrom(addr, addr.BitLen()))
 	}
+	rs, err := execute(prefixes, port)
+	if err != nil {
+		return nil, err
+	}
+	rs.Family = FamilyOf(addrs[0])
+	rs.Addrs = slices.Clone(addrs)
+	return rs, nil
+}
+
+// Chains returns the ruleset of family f with our tables, chains and jumps
+// but no rules: what a teardown needs to find and remove our chains in a
+// family no address of which is configured (any more).
+func Chains(f Family) (*Ruleset, error) {
+	rs, err := execute(nil, 1)
+	if err != nil {
+		return nil, err
+	}
+	rs.Family = f
+	return rs, nil
+}
+
+func execute(prefixes []netip.Prefix, port uint16) (*Ruleset, error) {
 	data := struct {
 		Prefixes []netip.Prefix
 		Port     uint16
 	}{prefixes, port}
-
 	var buf bytes.Buffer
 	if err := ruleset.Execute(&buf, data); err != nil {
 		return nil, fmt.Errorf("execute %s: %w", templates.Ruleset, err)
@@ -153,8 +174,6 @@ func RenderFamily(addrs []netip.Addr, port uint16) (*Ruleset, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", templates.Ruleset, err)
 	}
-	rs.Family = FamilyOf(addrs[0])
-	rs.Addrs = slices.Clone(addrs)
 	return rs, nil
 }
 

@@ -275,3 +275,30 @@ func mustAddrs(t *testing.T, ss ...string) []netip.Addr {
 	}
 	return out
 }
+
+// TestChains proves that the teardown ruleset has the chains and jumps of
+// every ruleset and no rule.
+func TestChains(t *testing.T) {
+	for _, f := range []render.Family{render.IPv4, render.IPv6} {
+		rs, err := render.Chains(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		full, err := render.Render(mustAddrs(t, map[render.Family]string{render.IPv4: "10.96.0.2", render.IPv6: "fd00::2"}[f]), 443)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := full[0].Tables
+		for i := range want {
+			for j := range want[i].Chains {
+				want[i].Chains[j].Rules = nil
+			}
+		}
+		if rs.Family != f {
+			t.Errorf("family %v, want %v", rs.Family, f)
+		}
+		if diff := cmp.Diff(want, rs.Tables); diff != "" {
+			t.Errorf("%v tables (-want +got):\n%s", f, diff)
+		}
+	}
+}

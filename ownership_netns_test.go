@@ -1,0 +1,163 @@
+package main
+
+import (
+	"os/exec"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
+)
+
+// oneShot runs the sidecar once in ns and returns its exit code and log.
+func oneShot(t *testing.T, ns *netnstest.NS, bin string, args ...string) (int, string) {
+	t.Helper()
+	cmd := ns.Command(bin, args...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		if _, ok := err.(*exec.ExitError); !ok {
+			t.Fatalf("%s: %v", cmd, err)
+		}
+	}
+	return cmd.ProcessState.ExitCode(), string(out)
+}
+
+// loAddrs lists the IPv4 and IPv6 addresses on lo, loopback's own left out.
+func loAddrs(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var out []string
+	fields := strings.Fields(ns.Run(t, "ip", "-o", "addr", "show", "dev", "lo"))
+	for i, f := range fields {
+		if (f == "inet" || f == "inet6") && i+1 < len(fields) && fields[i+1] != "127.0.0.1/8" && fields[i+1] != "::1/128" {
+			out = append(out, fields[i+1])
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// ourChains lists every chain and rule of ours in both backends, both
+// families.
+func ourChains(t *testing.T, ns *netnstest.NS) []string {
+	t.Helper()
+	var out []string
+	for _, save := range []string{"iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"} {
+		for _, line := range strings.Split(ns.Run(t, save), "\n") {
+			if strings.Contains(line, "APISERVER-PROXY-") {
+				out = append(out, save+": "+line)
+			}
+		}
+	}
+	return out
+}
+
+// TestOwnershipAcrossAddressChanges runs the real binary through address
+// changes on both backends: a one-shot run with another --ip-address, and
+// a daemon restarted with a third, each leave only the configured address
+// of ours on the link (a foreign address on the same link stays); a
+// teardown run with the first, stale, address removes everything of ours
+// and says what it removed.
+func TestOwnershipAcrossAddressChanges(t *testing.T) {
+	netnstest.Require(t)
+	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
+	bin := buildSidecar(t)
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) {
+			ns := netnstest.New(t)
+			ns.Run(t, "ip", "addr", "add", "10.96.0.9/32", "dev", "lo")
+			common := []string{"--setup-iptables", "--iptables-backend=" + backend, "--port=443"}
+			run := func(addr string, extra ...string) string {
+				t.Helper()
+				code, log := oneShot(t, ns, bin, append(append([]string{"--ip-address=" + addr, "--daemon=false"}, common...), extra...)...)
+				if code != 0 {
+					t.Fatalf("--ip-address=%s %v: exit %d\n%s", addr, extra, code, log)
+				}
+				return log
+			}
+			want := func(what string, addrs ...string) {
+				t.Helper()
+				slices.Sort(addrs)
+				if got := loAddrs(t, ns); !slices.Equal(got, addrs) {
+					t.Fatalf("%s: lo holds %q, want %q", what, got, addrs)
+				}
+			}
+
+			run("10.96.0.2,fd00::2")
+			want("first run", "10.96.0.2/32", "fd00::2/128", "10.96.0.9/32")
+
+			log := run("10.96.0.3")
+			want("after a one-shot run with 10.96.0.3", "10.96.0.3/32", "10.96.0.9/32")
+			for _, gone := range []string{"10.96.0.2/32", "fd00::2/128"} {
+				if !strings.Contains(log, "no longer configured") || !strings.Contains(log, gone) {
+					t.Errorf("the run does not log that it removed %s:\n%s", gone, log)
+				}
+			}
+
+			d := startDaemon(t, ns, bin, append([]string{"--ip-address=10.96.0.4", "--sync-interval=1h"}, common...)...)
+			eventually(t, 10*time.Second, "the restarted daemon keeps only 10.96.0.4", func() bool {
+				return slices.Equal(loAddrs(t, ns), []string{"10.96.0.4/32", "10.96.0.9/32"})
+			})
+			if code := d.stop(t); code != 0 {
+				t.Fatalf("daemon exited %d", code)
+			}
+			want("after the daemon stopped without --cleanup", "10.96.0.4/32", "10.96.0.9/32")
+			if len(ourChains(t, ns)) == 0 {
+				t.Fatal("no chain of ours before the teardown")
+			}
+
+			// Teardown with the first address, long since replaced.
+			log = run("10.96.0.2", "--cleanup")
+			want("after the teardown", "10.96.0.9/32")
+			if left := ourChains(t, ns); len(left) != 0 {
+				t.Errorf("the teardown left rules of ours:\n%s", strings.Join(left, "\n"))
+			}
+			for _, line := range []string{`"Removed" what="address 10.96.0.4/32 on lo"`, `what="IPv4 ` + backend + ` raw chain APISERVER-PROXY-PREROUTING"`, `what="IPv4 ` + backend + ` filter jump to APISERVER-PROXY-INPUT from INPUT"`} {
+				if !strings.Contains(log, line) {
+					t.Errorf("the teardown log lacks %s:\n%s", line, log)
+				}
+			}
+			log = run("10.96.0.2", "--cleanup")
+			if !strings.Contains(log, "Nothing of ours was there to remove") {
+				t.Errorf("a second teardown does not say that nothing was there:\n%s", log)
+			}
+			code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2", "--daemon=false", "--cleanup")
+			if code != 0 || !strings.Contains(log, "Left iptables rules alone (no --setup-iptables)") {
+				t.Errorf("a teardown without --setup-iptables: exit %d, and it must say it left the rules alone:\n%s", code, log)
+			}
+			want("after every teardown", "10.96.0.9/32")
+		})
+	}
+}
+
+// TestIPv6DisabledIsNamed runs the binary on a node with IPv6 disabled: an
+// IPv6 address alone fails with an error that says so; a dual-stack pair
+// serves IPv4, warns about IPv6 and exits 0, so that an init container does
+// not crash-loop and take IPv4 down with it.
+func TestIPv6DisabledIsNamed(t *testing.T) {
+	netnstest.Require(t)
+	netnstest.RequireBinaries(t, "sysctl")
+	bin := buildSidecar(t)
+	ns := netnstest.New(t)
+	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
+
+	code, log := oneShot(t, ns, bin, "--ip-address=fd00::2", "--daemon=false")
+	if code != 1 || !strings.Contains(log, "IPv6 is disabled on this node (net.ipv6.conf.all.disable_ipv6=1)") {
+		t.Errorf("IPv6 alone: exit %d, want 1 and an error naming IPv6 disabled:\n%s", code, log)
+	}
+	code, log = oneShot(t, ns, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
+	if code != 0 || !strings.Contains(log, "its family is unavailable on this node") {
+		t.Errorf("dual-stack: exit %d, want 0 and a warning about IPv6:\n%s", code, log)
+	}
+	if got := loAddrs(t, ns); !slices.Equal(got, []string{"10.96.0.2/32"}) {
+		t.Errorf("lo holds %q, want the IPv4 address", got)
+	}
+
+	// Disabled on the interface alone, IPv6 clients exist: a failure.
+	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0")
+	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1")
+	code, log = oneShot(t, ns, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
+	if code != 1 || !strings.Contains(log, "IPv6 is disabled on lo (net.ipv6.conf.lo.disable_ipv6=1)") {
+		t.Errorf("IPv6 off on lo alone: exit %d, want 1 and an error naming lo:\n%s", code, log)
+	}
+}
