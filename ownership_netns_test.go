@@ -161,3 +161,48 @@ func TestIPv6DisabledIsNamed(t *testing.T) {
 		t.Errorf("IPv6 off on lo alone: exit %d, want 1 and an error naming lo:\n%s", code, log)
 	}
 }
+
+// TestIPVSHeldAddressIsNeverTouched runs the binary on a node where kube-proxy
+// in IPVS mode holds the ClusterIP on kube-ipvs0: the run fails with an
+// error naming IPVS, the proxy address is still served, and kube-ipvs0 keeps
+// its address through the run and a teardown.
+func TestIPVSHeldAddressIsNeverTouched(t *testing.T) {
+	netnstest.Require(t)
+	bin := buildSidecar(t)
+	ns := netnstest.New(t)
+	addForeignLink(t, ns, "kube-ipvs0")
+	ns.Run(t, "ip", "addr", "add", "100.64.0.1/32", "dev", "kube-ipvs0")
+	ipvs := func() string { return ns.Run(t, "ip", "-o", "addr", "show", "dev", "kube-ipvs0") }
+
+	code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false")
+	if code != 1 || !strings.Contains(log, "100.64.0.1 is on kube-ipvs0") || !strings.Contains(log, "IPVS") {
+		t.Errorf("exit %d, want 1 and an error naming kube-ipvs0 and IPVS:\n%s", code, log)
+	}
+	if got := loAddrs(t, ns); !slices.Equal(got, []string{"10.96.0.2/32"}) {
+		t.Errorf("lo holds %q, want only the proxy address", got)
+	}
+	if !strings.Contains(ipvs(), " 100.64.0.1/32 ") {
+		t.Fatalf("kube-ipvs0 lost 100.64.0.1:\n%s", ipvs())
+	}
+	if code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false", "--cleanup"); code != 0 {
+		t.Errorf("teardown: exit %d\n%s", code, log)
+	}
+	if !strings.Contains(ipvs(), " 100.64.0.1/32 ") {
+		t.Errorf("the teardown removed 100.64.0.1 from kube-ipvs0:\n%s", ipvs())
+	}
+}
+
+// addForeignLink adds a link the sidecar did not create, of a kind the
+// test kernel has.
+func addForeignLink(t *testing.T, ns *netnstest.NS, name string) {
+	t.Helper()
+	var errs []string
+	for _, kind := range []string{"dummy", "ifb", "bridge"} {
+		if _, err := ns.RunErr("ip", "link", "add", name, "type", kind); err == nil {
+			ns.Run(t, "ip", "link", "set", name, "up")
+			return
+		}
+		errs = append(errs, kind)
+	}
+	t.Fatalf("cannot add link %s of any kind: %s", name, strings.Join(errs, ", "))
+}
