@@ -3,6 +3,7 @@ package netnstest
 import (
 	"errors"
 	"net"
+	"net/netip"
 	"os/exec"
 	"strings"
 	"testing"
@@ -155,4 +156,50 @@ func listNamespaces(t *testing.T) string {
 		t.Fatalf("ip netns list: %v: %s", err, out)
 	}
 	return string(out)
+}
+
+func TestParseConntrackLine(t *testing.T) {
+	for _, tc := range []struct {
+		line string
+		want ConntrackEntry
+	}{
+		{
+			line: "tcp      6 119 SYN_SENT src=192.0.2.2 dst=100.64.0.1 sport=40001 dport=443 [UNREPLIED] src=10.96.0.2 dst=192.0.2.2 sport=443 dport=40001 mark=0 use=1 id=3422523",
+			want: ConntrackEntry{
+				Proto: "tcp", ProtoNum: 6, State: "SYN_SENT",
+				OrigSrc: netip.MustParseAddrPort("192.0.2.2:40001"), OrigDst: netip.MustParseAddrPort("100.64.0.1:443"),
+				ReplySrc: netip.MustParseAddrPort("10.96.0.2:443"), ReplyDst: netip.MustParseAddrPort("192.0.2.2:40001"),
+				Unreplied: true, ID: 3422523,
+			},
+		},
+		{
+			line: "udp      17 29 src=fd00::1 dst=fd00::2 sport=5353 dport=53 src=fd00::2 dst=fd00::1 sport=53 dport=5353 mark=0 use=1 id=4294967295",
+			want: ConntrackEntry{
+				Proto: "udp", ProtoNum: 17,
+				OrigSrc: netip.MustParseAddrPort("[fd00::1]:5353"), OrigDst: netip.MustParseAddrPort("[fd00::2]:53"),
+				ReplySrc: netip.MustParseAddrPort("[fd00::2]:53"), ReplyDst: netip.MustParseAddrPort("[fd00::1]:5353"),
+				ID: 4294967295,
+			},
+		},
+	} {
+		got, err := ParseConntrackLine(tc.line)
+		tc.want.Line = tc.line
+		if err != nil || got != tc.want {
+			t.Errorf("ParseConntrackLine(%q) =\n%+v, %v; want\n%+v", tc.line, got, err, tc.want)
+		}
+	}
+	for _, bad := range []string{
+		"",
+		"tcp 6",
+		"tcp 6 119",
+		"tcp 6 119 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2",
+		"tcp 6 119 ESTABLISHED src=10.0.0.1 dst=10.0.0.2 sport=1 dport=2 src=10.0.0.2 dst=10.0.0.1 sport=2 dport=x",
+		"tcp 6 119 ESTABLISHED sport=1 src=10.0.0.1",
+		"udp 17 29 src=10.0.0.1 dst=10.0.0.2 src=10.0.0.2 dst=10.0.0.1 src=10.0.0.3",
+		"udp x 29 src=10.0.0.1 dst=10.0.0.2 src=10.0.0.2 dst=10.0.0.1",
+	} {
+		if e, err := ParseConntrackLine(bad); err == nil {
+			t.Errorf("ParseConntrackLine(%q) = %+v; want an error", bad, e)
+		}
+	}
 }
