@@ -123,7 +123,7 @@ func (n *dnatNode) ipt(t testing.TB, args ...string) {
 // iptables-restore --noflush, as the sidecar does.
 func (n *dnatNode) loadRules(t testing.TB) {
 	t.Helper()
-	rs, err := render.RenderFamily(n.fam.proxy, dnatPort)
+	rs, err := render.RenderFamily([]netip.Addr{n.fam.proxy}, dnatPort)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +139,7 @@ func (n *dnatNode) loadRules(t testing.TB) {
 // them.
 func (n *dnatNode) addRulesFor(t testing.TB, addr netip.Addr) {
 	t.Helper()
-	rs, err := render.RenderFamily(addr, dnatPort)
+	rs, err := render.RenderFamily([]netip.Addr{addr}, dnatPort)
 	if err != nil {
 		t.Fatal(err)
 	}
