@@ -191,6 +191,9 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 			return err
 		}
 		sidecar.Retire(retired...)
+		if cfg.Daemon {
+			sidecar.CheckDNAT(apply.NewDNATCheck(cfg.Addrs, cfg.Port))
+		}
 	}
 	klog.InfoS("Starting", "version", version, "addresses", cfg.Addrs, "port", cfg.Port, "interface", cfg.Interface,
 		"setupIPTables", cfg.SetupIPTables, "iptablesBackend", cfg.Backend, "iptablesTimeout", cfg.IPTablesTimeout, "daemon", cfg.Daemon, "cleanup", cfg.Cleanup, "syncInterval", cfg.SyncInterval)

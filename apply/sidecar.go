@@ -23,6 +23,48 @@ type Sidecar struct {
 	// once they were.
 	retired      []*Rules
 	retiredClean bool
+	// dnat, when set, looks for the broken setup at every interval sync of
+	// the daemon (see CheckDNAT).
+	dnat dnatChecker
+	// dnatUnfilteredLogged is set once the kernel's refusal to filter the
+	// conntrack dumps was logged.
+	dnatUnfilteredLogged bool
+}
+
+// dnatChecker finds connections DNATed into our addresses whose replies
+// our rules untrack; *DNATCheck satisfies it.
+type dnatChecker interface {
+	Check(ctx context.Context) ([]DNATFinding, error)
+	Unfiltered() error
+}
+
+// CheckDNAT has the daemon look, once per interval, for connections that
+// kube-proxy (or anything) DNATed into one of our addresses while our
+// rules untrack their replies: they fail, and the cure is a configuration
+// change, so each is logged as a warning that names the original
+// destination and the fix, and counted. Readiness is not changed: direct
+// clients are still served. Set it only where the rules are managed.
+func (s *Sidecar) CheckDNAT(c dnatChecker) { s.dnat = c }
+
+// checkDNAT runs the check CheckDNAT set, if any.
+func (s *Sidecar) checkDNAT(ctx context.Context) {
+	if s.dnat == nil {
+		return
+	}
+	findings, err := s.dnat.Check(ctx)
+	if u := s.dnat.Unfiltered(); u != nil && !s.dnatUnfilteredLogged {
+		klog.InfoS("Reading the conntrack table in process", "reason", u.Error())
+		s.dnatUnfilteredLogged = true
+	}
+	if err != nil {
+		klog.ErrorS(err, "Looking for connections DNATed into our addresses failed; trying again at the next interval")
+		return
+	}
+	for _, f := range findings {
+		klog.InfoS("WARNING: connections DNATed into our address fail, because our rules untrack their replies; list the original destination in --ip-address too (interception), or run without --setup-iptables",
+			"originalDestination", f.Original, "dnatTo", f.To, "newConnections", f.New, "exampleClient", f.Example)
+		s.observer.UntrackedDNAT(f.Original, f.To, f.New)
+	}
 }
 
 // NewSidecar returns a Sidecar that keeps address and, if rules is not
@@ -263,6 +305,7 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 			}
 			timer.Stop()
 			sync(t, sc.or(scope{rules: true, stale: true}))
+			s.checkDNAT(ctx)
 		case t := <-events:
 			if t == TriggerNFTables && !s.nftablesConcernsUs() {
 				// Another agent's nftables change: our rules are not there.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 )
@@ -222,5 +223,75 @@ func TestRunScopesVerificationsByEvent(t *testing.T) {
 	waitFor("the nftables event's sync fails too", func() bool { return stats.SyncsFailed.Load() == 2 })
 	if stats.SyncsSucceeded.Load() != 0 {
 		t.Fatal("a sync succeeded while the address could not be added")
+	}
+}
+
+// fakeDNAT is a dnatChecker that reports one finding at its first check.
+type fakeDNAT struct {
+	mu     sync.Mutex
+	checks int
+}
+
+func (f *fakeDNAT) Check(context.Context) ([]DNATFinding, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.checks++
+	if f.checks > 1 {
+		return nil, nil
+	}
+	return []DNATFinding{{Original: netip.MustParseAddrPort("100.64.0.1:443"), To: netip.MustParseAddrPort("10.96.0.2:443"), New: 3}}, nil
+}
+
+func (f *fakeDNAT) Unfiltered() error { return nil }
+
+func (f *fakeDNAT) count() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.checks
+}
+
+// TestRunChecksDNATAtIntervalsOnly proves that the DNAT check runs at the
+// interval syncs, never at start-up or on events, and that what it finds
+// is reported to the Observer without touching readiness.
+func TestRunChecksDNATAtIntervalsOnly(t *testing.T) {
+	for _, interval := range []time.Duration{time.Hour, 5 * time.Millisecond} {
+		nl := newFake(t, nil)
+		stats := &Counts{}
+		s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), nil, stats)
+		check := &fakeDNAT{}
+		s.CheckDNAT(check)
+		events := make(chan Trigger)
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		go func() {
+			s.Run(ctx, interval, events)
+			close(done)
+		}()
+		events <- TriggerAddress
+		events <- TriggerLink
+		deadline := time.Now().Add(10 * time.Second)
+		want := int64(2) // start-up, and one for both events (debounced)
+		if interval < time.Hour {
+			want = 8
+		}
+		for stats.Verifications.Load() < want {
+			if time.Now().After(deadline) {
+				t.Fatalf("interval %s: %d verifications, want %d", interval, stats.Verifications.Load(), want)
+			}
+			time.Sleep(time.Millisecond) // polling interval
+		}
+		cancel()
+		<-done
+		switch {
+		case interval == time.Hour && check.count() != 0:
+			t.Errorf("with no interval sync the DNAT check ran %d times, want none", check.count())
+		case interval < time.Hour && check.count() == 0:
+			t.Errorf("interval syncs ran no DNAT check")
+		case interval < time.Hour && stats.UntrackedDNATs.Load() != 3:
+			t.Errorf("untracked DNATs reported: %d, want the 3 found once", stats.UntrackedDNATs.Load())
+		}
+		if stats.SyncsFailed.Load() != 0 {
+			t.Errorf("a finding failed %d syncs", stats.SyncsFailed.Load())
+		}
 	}
 }
