@@ -50,10 +50,11 @@ type Rules struct {
 	verifiedAt  time.Time
 }
 
-// fullVerifyEvery bounds how long an unchanged nftables generation may stand
-// in for reading our rules: a safety net against anything the generation
-// does not cover (rules of ours appearing in the legacy backend, say).
-const fullVerifyEvery = 10 * time.Minute
+// generationTrust bounds how long an unchanged nftables generation may
+// stand in for reading our rules: a safety net against anything the
+// generation does not cover (rules of ours appearing in the legacy
+// backend, say).
+const generationTrust = 10 * time.Minute
 
 // defaultLockWait is how long a write waits for the xtables lock (legacy
 // backend; nft ignores the lock) before it fails and is retried at the
@@ -104,7 +105,7 @@ func (d Drift) String() string {
 // iptables-restore. It returns what differed. When nothing differs it runs
 // nothing but the reads; with the nft backend, when the nftables generation
 // has not changed since a sync found everything in place, it runs nothing
-// at all (for at most fullVerifyEvery).
+// at all (for at most generationTrust).
 //
 // The first sync chooses the backend (detecting it with BackendAuto) and
 // checks that its programs exist; after its write it removes anything of
@@ -119,7 +120,7 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 	}
 	gen, genOK := r.readGeneration()
-	if genOK && !r.verifiedAt.IsZero() && gen == r.verifiedGen && time.Since(r.verifiedAt) < fullVerifyEvery {
+	if genOK && !r.verifiedAt.IsZero() && gen == r.verifiedGen && time.Since(r.verifiedAt) < generationTrust {
 		r.observer.VerificationSkipped("generation_unchanged")
 		return nil, nil
 	}

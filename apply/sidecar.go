@@ -9,11 +9,13 @@ import (
 	"time"
 
 	"k8s.io/klog/v2"
+	"k8s.io/utils/clock"
 )
 
 // Sidecar keeps the address and, optionally, the rules of every address
 // family in place.
 type Sidecar struct {
+	clock    clock.WithTicker
 	address  *Address
 	rules    []*Rules
 	observer Observer
@@ -70,7 +72,7 @@ func (s *Sidecar) checkDNAT(ctx context.Context) {
 // NewSidecar returns a Sidecar that keeps address and, if rules is not
 // empty, the rules, and reports what it does to o.
 func NewSidecar(address *Address, rules []*Rules, o Observer) *Sidecar {
-	return &Sidecar{address: address, rules: rules, observer: o}
+	return &Sidecar{clock: clock.RealClock{}, address: address, rules: rules, observer: o}
 }
 
 // Retire has the sidecar remove our chains from the families of retired
@@ -128,7 +130,7 @@ func (a scope) String() string {
 // verify syncs what sc names once.
 func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 	s.observer.Verification(string(trigger))
-	res := SyncResult{Started: time.Now()}
+	res := SyncResult{Started: s.clock.Now()}
 	var repairs Repairs
 	if sc.address {
 		var err error
@@ -188,7 +190,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 		s.retiredClean = clean
 	}
 	res.Rules = errors.Join(errs...)
-	res.Duration = time.Since(res.Started)
+	res.Duration = s.clock.Since(res.Started)
 	s.observer.SyncFinished(res)
 	checked := sc
 	checked.rules = sc.rules && len(s.rules) > 0
@@ -196,174 +198,61 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 	return res.Err()
 }
 
-// Debounce of event-triggered verifications: one runs once events have
-// been quiet for debounceQuiet, and at the latest debounceMax after the
-// first event of a burst, so that kube-proxy writing thousands of rules
-// costs one verification, and a change amid constant churn is still
-// repaired within debounceMax plus the verification itself.
-const (
-	debounceQuiet = 10 * time.Millisecond
-	debounceMax   = 100 * time.Millisecond
-)
-
-// holdAfter is how many syncs in a row may fail before verifications on
-// events are held back. Where repairs do not stick (a restore program that
-// stores rules in a form that lists differently, another agent reverting
-// ours at once), the read-back after each write fails the sync, and every
-// write of ours is an nftables event that triggers the verification that
-// writes again: a loop at the speed of the debounce. From the holdAfter-th
-// failed sync in a row on, a verification on events waits debounceMax,
-// doubling with each further one up to the interval, until a sync
-// succeeds. Interval syncs are never held back. Syncs that repair and
-// succeed never count: drift repaired as fast as someone makes it is the
-// daemon's job.
-const holdAfter = 3
-
 // Run syncs at once, then whenever events report a change that may concern
-// us (debounced), and every interval, until ctx is done. With events, an
-// interval sync leaves the address and link to them and checks them only
-// every fullVerifyEvery. Failures are logged and retried at the next
-// trigger; they never end the loop. A sync in progress when ctx is done
-// runs to its end, so that a signal never cuts a write short. events may
-// be nil.
+// us (debounced), and every interval, until ctx is done; schedule decides
+// when and what. Failures are logged and retried at the next trigger; they
+// never end the loop. A sync in progress when ctx is done runs to its end,
+// so that a signal never cuts a write short. events may be nil.
 func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan Trigger) {
-	failures, unsettled := 0, 0
-	var holdUntil time.Time // no verification on events before
-	// addressVerifiedAt is when a sync last found the address and link in
-	// place (or put them there), zero after a sync that failed.
-	var addressVerifiedAt time.Time
+	p := newSchedule(interval, events != nil)
 	sync := func(t Trigger, sc scope) {
-		// The kernel reports every change to our address and link, and each
-		// such event verifies them: an interval sync need not, except as a
-		// safety net every fullVerifyEvery. Without events it always does.
-		if events == nil || addressVerifiedAt.IsZero() || time.Since(addressVerifiedAt) >= fullVerifyEvery {
-			sc.address = true
-		}
-		if failures > 0 {
-			// Health reports the latest sync: after a failure only one
-			// that checks everything may say that all is well again.
-			sc = everything
-		}
-		started := time.Now()
+		started := s.clock.Now()
 		err := s.verify(context.WithoutCancel(ctx), t, sc)
-		if sc.address {
-			addressVerifiedAt = started
-		}
-		if err != nil {
-			addressVerifiedAt = time.Time{}
-		}
+		o := p.done(started, s.clock.Now(), sc, err)
 		switch {
 		case err != nil:
-			failures++
-			klog.ErrorS(err, "Sync failed; retrying", "trigger", t, "consecutiveFailures", failures, "lockHeld", IsLockHeld(err), "retryIn", interval)
-		case failures > 0:
-			klog.InfoS("Sync succeeded again", "afterFailures", failures)
-			failures = 0
+			klog.ErrorS(err, "Sync failed; retrying", "trigger", t, "consecutiveFailures", o.failures, "lockHeld", IsLockHeld(err), "retryIn", interval)
+		case o.recovered > 0:
+			klog.InfoS("Sync succeeded again", "afterFailures", o.recovered)
 		}
-		if err == nil {
-			if unsettled >= holdAfter {
-				klog.InfoS("Repairs stick again; verifying on events at once", "afterSyncs", unsettled)
-			}
-			unsettled, holdUntil = 0, time.Time{}
-			return
-		}
-		unsettled++
-		if unsettled < holdAfter {
-			return
-		}
-		hold := min(debounceMax<<min(unsettled-holdAfter, 20), interval)
-		holdUntil = time.Now().Add(hold)
-		if unsettled == holdAfter {
+		switch {
+		case o.released:
+			klog.InfoS("Repairs stick again; verifying on events at once", "afterSyncs", o.recovered)
+		case o.holding:
 			klog.InfoS("Syncs keep failing; holding back verifications on events, longer each time, until one succeeds",
-				"consecutiveSyncs", unsettled, "holdOff", hold, "maxHoldOff", interval)
-		} else {
-			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", unsettled, "holdOff", hold)
+				"consecutiveSyncs", o.failures, "holdOff", o.holdOff, "maxHoldOff", interval)
+		case o.holdOff > 0:
+			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", o.failures, "holdOff", o.holdOff)
 		}
 	}
-	sync(TriggerStartup, everything)
-	tick := time.NewTicker(interval)
+	sync(p.startup())
+	tick := s.clock.NewTicker(interval)
 	defer tick.Stop()
-	timer := time.NewTimer(time.Hour)
+	timer := s.clock.NewTimer(time.Hour)
 	timer.Stop()
 	defer timer.Stop()
-	d := debounce{quiet: debounceQuiet, max: debounceMax}
-	// due is how long until a pending verification on events may run.
-	due := func(now time.Time) (time.Duration, bool) {
-		wait, pending := d.due(now)
-		return max(wait, holdUntil.Sub(now)), pending
-	}
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case <-tick.C:
-			// This sync covers whatever is pending, and checks what those
-			// events concern.
-			t, sc := d.takeAll()
-			if t == "" {
-				t = TriggerInterval
-			}
+		case <-tick.C():
 			timer.Stop()
-			sync(t, sc.or(scope{rules: true, stale: true}))
+			sync(p.tick(s.clock.Now()))
 			s.checkDNAT(ctx)
 		case t := <-events:
 			if t == TriggerNFTables && !s.nftablesConcernsUs() {
 				// Another agent's nftables change: our rules are not there.
 				continue
 			}
-			d.add(time.Now(), t)
-			wait, _ := due(time.Now())
-			timer.Reset(wait)
-		case <-timer.C:
-			if wait, pending := due(time.Now()); pending && wait > 0 {
+			timer.Reset(p.event(s.clock.Now(), t))
+		case <-timer.C():
+			if t, sc, wait, run := p.fire(s.clock.Now()); run {
+				sync(t, sc)
+			} else if wait > 0 {
 				timer.Reset(wait)
-			} else if pending {
-				sync(d.takeAll())
 			}
 		}
 	}
-}
-
-// debounce coalesces bursts of triggers into one verification.
-type debounce struct {
-	quiet, max time.Duration
-	// first and last are the times of the first and latest trigger of the
-	// pending burst; first is zero when nothing is pending.
-	first, last time.Time
-	trigger     Trigger // of the first
-	scope       scope   // what all of them concern
-}
-
-func (d *debounce) add(now time.Time, t Trigger) {
-	if d.first.IsZero() {
-		d.first, d.trigger = now, t
-	}
-	d.last = now
-	d.scope = d.scope.or(scopeOf(t))
-}
-
-// due returns how long until the pending verification should run, and
-// whether one is pending at all.
-func (d *debounce) due(now time.Time) (wait time.Duration, pending bool) {
-	if d.first.IsZero() {
-		return 0, false
-	}
-	wait = min(d.last.Add(d.quiet).Sub(now), d.first.Add(d.max).Sub(now))
-	return max(wait, 0), true
-}
-
-// take ends the pending burst and returns its first trigger.
-func (d *debounce) take() Trigger {
-	t, _ := d.takeAll()
-	return t
-}
-
-// takeAll ends the pending burst and returns its first trigger and what
-// all its triggers concern.
-func (d *debounce) takeAll() (Trigger, scope) {
-	t, sc := d.trigger, d.scope
-	d.first, d.last, d.trigger, d.scope = time.Time{}, time.Time{}, "", scope{}
-	return t, sc
 }
 
 // nftablesConcernsUs reports whether an nftables event may concern our

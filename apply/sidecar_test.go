@@ -68,42 +68,6 @@ func TestSidecarCleanupTriesEverything(t *testing.T) {
 	}
 }
 
-func TestDebounce(t *testing.T) {
-	t0 := time.Unix(1000, 0)
-	ms := func(n int) time.Time { return t0.Add(time.Duration(n) * time.Millisecond) }
-	d := debounce{quiet: 10 * time.Millisecond, max: 100 * time.Millisecond}
-	if _, pending := d.due(t0); pending {
-		t.Fatal("pending before any trigger")
-	}
-	// A burst every 2ms for 30ms: due 10ms after the last one.
-	for i := 0; i <= 30; i += 2 {
-		d.add(ms(i), TriggerNFTables)
-	}
-	if wait, pending := d.due(ms(30)); !pending || wait != 10*time.Millisecond {
-		t.Errorf("due = %v, %v; want 10ms, pending", wait, pending)
-	}
-	if wait, _ := d.due(ms(45)); wait != 0 {
-		t.Errorf("past due: wait %v, want 0", wait)
-	}
-	if got := d.take(); got != TriggerNFTables {
-		t.Errorf("take = %q", got)
-	}
-	if _, pending := d.due(ms(46)); pending {
-		t.Error("still pending after take")
-	}
-	// Endless churn: due 100ms after the first trigger, not never.
-	d.add(ms(200), TriggerAddress)
-	for i := 202; i < 400; i += 2 {
-		d.add(ms(i), TriggerNFTables)
-	}
-	if wait, _ := d.due(ms(290)); wait != 10*time.Millisecond {
-		t.Errorf("amid churn: wait %v, want 10ms (100ms after the first trigger)", wait)
-	}
-	if got := d.take(); got != TriggerAddress {
-		t.Errorf("take = %q, want the burst's first trigger", got)
-	}
-}
-
 func TestRunCoalescesEventBursts(t *testing.T) {
 	nl := newFake(t, nil, "lo 10.96.0.2/32")
 	stats := &Counts{}
