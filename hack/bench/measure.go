@@ -108,7 +108,15 @@ type plan struct {
 	// LoopBudget bounds a baseline's steady-state loop: N passes, at most
 	// 60, fewer where a pass is slow.
 	LoopBudget time.Duration
-	Bound      time.Duration
+	// ClientBackends are the backends the client paths are measured on;
+	// each path runs for ClientTime or ClientConns connections, whichever
+	// comes first.
+	ClientBackends []string
+	ClientTime     time.Duration
+	// ClientConns stays well below the pod's 28,232 ephemeral ports: every
+	// closed connection keeps its port in TIME_WAIT for a minute.
+	ClientConns int
+	Bound       time.Duration
 }
 
 func newPlan(quick bool) plan {
@@ -119,14 +127,17 @@ func newPlan(quick bool) plan {
 				{"nft", "", 0}, {"nft", "nat", 50000}, {"legacy", "filter", 50000},
 			},
 			Reps: 3, Syncs: 20, RepairReps: 3, LoopBudget: time.Second,
-			Bound: 100 * time.Second,
+			ClientBackends: []string{"nft"}, ClientTime: 2 * time.Second, ClientConns: 10000,
+			Bound: 110 * time.Second,
 		}
 	}
 	var all []scenario
 	for _, b := range []string{"nft", "legacy"} {
 		all = append(all, scenario{b, "", 0}, scenario{b, "nat", 10000}, scenario{b, "nat", 50000}, scenario{b, "filter", 50000})
 	}
-	return plan{Scenarios: all, Reps: 7, Syncs: 60, RepairReps: 7, LoopBudget: 4 * time.Second, Bound: 9 * time.Minute}
+	return plan{Scenarios: all, Reps: 7, Syncs: 60, RepairReps: 7, LoopBudget: 4 * time.Second,
+		ClientBackends: []string{"nft", "legacy"}, ClientTime: 4 * time.Second, ClientConns: 10000,
+		Bound: 9 * time.Minute}
 }
 
 // bench measures the scenarios.

@@ -178,6 +178,36 @@ func (h *harness) start(ns *namespace, c *exec.Cmd) error {
 	return <-errc
 }
 
+// inNamespace runs f on an OS thread switched into ns and returns f's
+// error. Sockets f opens stay in ns after the thread switches back. If the
+// thread cannot switch back it stays locked, and ends with its goroutine.
+func (h *harness) inNamespace(ns *namespace, f func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := netns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := netns.Set(ns.handle); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("entering network namespace %s: %w", ns.Name, err)
+			return
+		}
+		ferr := f()
+		if err := netns.Set(orig); err != nil {
+			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace %s: %w", ns.Name, err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
+
 // run runs name with args inside ns, feeding stdin, and returns its stdout.
 func (h *harness) run(ctx context.Context, ns *namespace, stdin string, name string, args ...string) (string, error) {
 	c := h.command(ctx, name, args...)

@@ -252,3 +252,42 @@ func checkList(cs []check) string {
 	}
 	return b.String()
 }
+
+// clientTable formats the client paths' figures as one markdown table.
+func clientTable(rs []clientResult) string {
+	var b strings.Builder
+	b.WriteString("| backend | path | connections | set up per second | connect p50 | connect p99 | conntrack entries per 1,000 connections |\n")
+	b.WriteString("| --- | --- | ---: | ---: | ---: | ---: | ---: |\n")
+	for _, r := range rs {
+		fmt.Fprintf(&b, "| %s | %s | %s | %s | %s | %s | %s |\n",
+			r.Backend, strings.ReplaceAll(r.Path.String(), "|", `\|`), thousands(r.Conns), thousands(int(r.Rate()+0.5)),
+			fmtMicros(r.P50), fmtMicros(r.P99), fmt.Sprintf("%.0f", r.EntriesPer1000()))
+	}
+	return b.String()
+}
+
+// fmtMicros prints a short duration in microseconds.
+func fmtMicros(d time.Duration) string {
+	return fmt.Sprintf("%.0f µs", float64(d)/float64(time.Microsecond))
+}
+
+// clientChecks computes the client paths' targets: interception leaves no
+// conntrack entry, and was measured on every backend the plan names.
+func clientChecks(rs []clientResult) []check {
+	c := check{Target: "client paths, intercepted: 0 conntrack entries per 1,000 connections", Met: true}
+	var detail []string
+	for _, r := range rs {
+		if r.Path != intercepted {
+			continue
+		}
+		ok := r.Conns > 0 && r.Entries == 0
+		c.Met = c.Met && ok
+		detail = append(detail, fmt.Sprintf("%s: %d entries after %s connections%s", r.Backend, r.Entries, thousands(r.Conns), notMet(ok)))
+	}
+	if len(detail) == 0 {
+		c.Met = false
+		detail = append(detail, "not measured")
+	}
+	c.Detail = strings.Join(detail, "; ")
+	return []check{c}
+}
