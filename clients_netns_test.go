@@ -224,8 +224,12 @@ func TestClientPaths(t *testing.T) {
 	}
 }
 
-func testClientPaths(t *testing.T, bin, backend string, fam clientFamily, mode kubeProxyMode) {
-	node, pod := netnstest.New(t), netnstest.New(t)
+// newClientNode returns a node and a pod namespace joined by veth, the
+// node's firewall dropping by default (see below) and kube-proxy's DNAT of
+// fam.clusterIP:443 to the proxy address in mode's shape loaded.
+func newClientNode(t *testing.T, backend string, fam clientFamily, mode kubeProxyMode) (node, pod *netnstest.NS) {
+	t.Helper()
+	node, pod = netnstest.New(t), netnstest.New(t)
 	netnstest.Veth(t, node, pod, "veth-node", "veth-pod")
 	addVethAddr(t, node, "veth-node", fam.node)
 	addVethAddr(t, pod, "veth-pod", fam.client)
@@ -238,7 +242,6 @@ func testClientPaths(t *testing.T, bin, backend string, fam clientFamily, mode k
 	// control port.
 	ipt := fam.iptables + "-" + backend
 	loopback := []string{"INPUT", "-i", "lo", "-j", "ACCEPT"}
-	accept443 := []string{"INPUT", "-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(proxyPort), "-j", "ACCEPT"}
 	node.Run(t, ipt, "-P", "INPUT", "DROP")
 	node.Run(t, ipt, "-A", "INPUT", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
 	node.Run(t, ipt, append([]string{"-A"}, loopback...)...)
@@ -247,6 +250,14 @@ func testClientPaths(t *testing.T, bin, backend string, fam clientFamily, mode k
 	}
 	node.Run(t, ipt, "-A", "INPUT", "-p", "tcp", "--dport", strconv.Itoa(controlPort), "-j", "ACCEPT")
 	loadKubeProxy(t, node, backend, fam, mode)
+	return node, pod
+}
+
+func testClientPaths(t *testing.T, bin, backend string, fam clientFamily, mode kubeProxyMode) {
+	node, pod := newClientNode(t, backend, fam, mode)
+	ipt := fam.iptables + "-" + backend
+	loopback := []string{"INPUT", "-i", "lo", "-j", "ACCEPT"}
+	accept443 := []string{"INPUT", "-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(proxyPort), "-j", "ACCEPT"}
 
 	proxy := netip.AddrPortFrom(fam.proxy, proxyPort)
 	clusterIP := netip.AddrPortFrom(fam.clusterIP, proxyPort)
