@@ -6,6 +6,7 @@ IMAGE    ?= apiserver-proxy-sidecar:$(VERSION)
 GO       ?= go
 FUZZTIME ?= 30s
 SOAK_DURATION ?= 10m
+MANIFESTS_DIR ?= deploy/
 
 # Tools run with `go run` at a pinned version: nothing to install.
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
@@ -53,8 +54,10 @@ bench: build ## Benchmark against per-rule checks and iptables-save, write BENCH
 image: ## Build the container image IMAGE with docker
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
-manifests: ## Render deploy/ as `kubectl kustomize deploy/` does
-	@$(GO) run $(KUSTOMIZE) build deploy/
+# MANIFESTS_DIR=deploy/uninstall (or deploy/examples/monitoring) renders
+# another kustomization.
+manifests: ## Render deploy/ (or MANIFESTS_DIR) as `kubectl kustomize` does
+	@$(GO) run $(KUSTOMIZE) build $(MANIFESTS_DIR)
 
 verify: ## gofmt, go vet and staticcheck, on both modules
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }
