@@ -24,7 +24,7 @@ import (
 const (
 	namespace      = "kube-system"
 	daemonSetName  = "apiserver-proxy"
-	settingsFile   = "config.yaml"
+	settingsFile   = "base/config.yaml"
 	setupName      = "setup"
 	sidecarName    = "sidecar"
 	proxyName      = "proxy"
