@@ -18,6 +18,7 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // Names the manifests and this test agree on.
@@ -171,12 +172,7 @@ func TestPod(t *testing.T) {
 		t.Error("pod securityContext.seccompProfile.type must be RuntimeDefault")
 	}
 
-	us := ds.Spec.UpdateStrategy
-	if us.Type != appsv1.RollingUpdateDaemonSetStrategyType || us.RollingUpdate == nil ||
-		us.RollingUpdate.MaxSurge == nil || us.RollingUpdate.MaxSurge.String() != "1" ||
-		us.RollingUpdate.MaxUnavailable == nil || us.RollingUpdate.MaxUnavailable.String() != "0" {
-		t.Errorf("updateStrategy %+v: want RollingUpdate with maxSurge 1 and maxUnavailable 0, so a node never goes without the proxy", us)
-	}
+	checkRollout(t, ds)
 	// With hostNetwork every declared container port is also a host port,
 	// and the surge pod could not be scheduled next to the old one.
 	for _, c := range slices.Concat(pod.InitContainers, pod.Containers) {
@@ -287,7 +283,7 @@ func TestSecurity(t *testing.T) {
 	pod := b.daemonSet.Spec.Template.Spec
 	for _, c := range []*corev1.Container{container(t, pod.InitContainers, setupName), container(t, pod.Containers, sidecarName)} {
 		checkSecurity(t, c, "NET_ADMIN", "NET_RAW")
-		resources(t, c, "5m", "15Mi")
+		resources(t, c, "5m", "20Mi")
 		if _, ok := c.Resources.Limits[corev1.ResourceMemory]; ok {
 			t.Errorf("%s: no memory limit: an OOM kill would cut the node off the API server", c.Name)
 		}
@@ -377,6 +373,37 @@ func TestHAProxyAcceptsConfig(t *testing.T) {
 			!strings.Contains(line, "for nameserver") {
 			t.Errorf("haproxy -c: %s", strings.TrimSpace(line))
 		}
+	}
+}
+
+// surge is the share of nodes updated at once, as README.md explains it.
+const surge = "10%"
+
+// checkRollout checks that every node keeps its proxy during a rolling
+// update (the new pod first: maxUnavailable 0) and that the surge is a
+// share of the nodes, so that a rollout takes about as many waves on ten
+// nodes as on ten thousand.
+func checkRollout(t *testing.T, ds *appsv1.DaemonSet) {
+	t.Helper()
+	us := ds.Spec.UpdateStrategy
+	if us.Type != appsv1.RollingUpdateDaemonSetStrategyType || us.RollingUpdate == nil {
+		t.Fatalf("updateStrategy %+v: want RollingUpdate", us)
+	}
+	ru := us.RollingUpdate
+	if ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "0" {
+		t.Errorf("maxUnavailable %v, want 0, so a node never goes without the proxy", ru.MaxUnavailable)
+	}
+	if ru.MaxSurge == nil || ru.MaxSurge.Type != intstr.String || ru.MaxSurge.String() != surge {
+		t.Errorf("maxSurge %v, want %s: a count would take one wave per node (days on 10,000 nodes)", ru.MaxSurge, surge)
+	}
+	for _, n := range []int{1, 10, 100, 10_000} {
+		got, err := intstr.GetScaledValueFromIntOrPercent(ru.MaxSurge, n, true)
+		if err != nil || got < 1 {
+			t.Errorf("maxSurge %v on %d nodes is %d (%v): the rollout would never start", ru.MaxSurge, n, got, err)
+		}
+	}
+	if ds.Spec.MinReadySeconds != 0 {
+		t.Errorf("minReadySeconds %d: README.md gives the rollout's duration without it", ds.Spec.MinReadySeconds)
 	}
 }
 
