@@ -356,22 +356,31 @@ func TestHAProxyAcceptsConfig(t *testing.T) {
 	if err := os.WriteFile(path, []byte(haproxyConfig(t, b.rendered, pod, c)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("haproxy", "-c", "-f", path)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	for k, v := range environment(t, c) {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("haproxy -c: %v\n%s", err, out)
-	}
-	// The example upstream has no address here, and this machine's resolver
-	// may be unreachable; any other warning is a mistake in the file.
-	for line := range strings.Lines(string(out)) {
-		if strings.Contains(line, "WARNING") &&
-			!strings.Contains(line, "could not resolve address") &&
-			!strings.Contains(line, "for nameserver") {
-			t.Errorf("haproxy -c: %s", strings.TrimSpace(line))
+	env := environment(t, c)
+	// As rendered, and with the IPv6 addresses an IPv6-first cluster
+	// writes into config.yaml (README.md: "that is the whole change").
+	ipv6 := maps.Clone(env)
+	ipv6["APISERVER_PROXY_ADDRESS"], ipv6["APISERVER_SERVICE_IP"] = "fd00:240::2", "fd00:10:96::1"
+	for what, env := range map[string]map[string]string{"as rendered": env, "with IPv6 addresses": ipv6} {
+		cmd := exec.Command("haproxy", "-c", "-f", path)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+		for k, v := range env {
+			cmd.Env = append(cmd.Env, k+"="+v)
+		}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Errorf("haproxy -c, %s: %v\n%s", what, err, out)
+			continue
+		}
+		// The example upstream has no address here, and this machine's
+		// resolver may be unreachable; any other warning is a mistake in
+		// the file.
+		for line := range strings.Lines(string(out)) {
+			if strings.Contains(line, "WARNING") &&
+				!strings.Contains(line, "could not resolve address") &&
+				!strings.Contains(line, "for nameserver") {
+				t.Errorf("haproxy -c, %s: %s", what, strings.TrimSpace(line))
+			}
 		}
 	}
 }
