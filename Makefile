@@ -6,13 +6,17 @@ IMAGE    ?= apiserver-proxy-sidecar:$(VERSION)
 GO       ?= go
 FUZZTIME ?= 30s
 SOAK_DURATION ?= 10m
+MANIFESTS_DIR ?= deploy/
 
 # Tools run with `go run` at a pinned version: nothing to install.
 STATICCHECK ?= honnef.co/go/tools/cmd/staticcheck@v0.8.2
 KUSTOMIZE   ?= sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
+# promtool for the alerts' unit tests: in PATH, or the one
+# `hack/promtool.sh` unpacks from Debian's prometheus package.
+PROMTOOL    ?= promtool
 
 .DEFAULT_GOAL := help
-.PHONY: help build test golden fuzz demo bench image manifests verify clean soak
+.PHONY: help build test golden fuzz demo bench image manifests alerts verify clean soak
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z0-9-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -54,8 +58,17 @@ bench: build ## Benchmark against per-rule checks and iptables-save, write BENCH
 image: ## Build the container image IMAGE with docker
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
-manifests: ## Render deploy/ as `kubectl kustomize deploy/` does
-	@$(GO) run $(KUSTOMIZE) build deploy/
+# MANIFESTS_DIR=deploy/uninstall (or deploy/examples/monitoring) renders
+# another kustomization.
+manifests: ## Render deploy/ (or MANIFESTS_DIR) as `kubectl kustomize` does
+	@$(GO) run $(KUSTOMIZE) build $(MANIFESTS_DIR)
+
+# The alerts of deploy/components/monitoring, taken out of the
+# PrometheusRule, through `promtool check rules` and `promtool test rules`,
+# and the proof that a broken expression fails them. `make test` runs them
+# too where promtool is found.
+alerts: ## Unit-test the monitoring alerts with promtool (PROMTOOL=path; hack/promtool.sh gets one)
+	cd deploy && PROMTOOL="$(if $(findstring /,$(PROMTOOL)),$(abspath $(PROMTOOL)),$(PROMTOOL))" $(GO) test -count=1 -run '^TestAlerts' ./...
 
 verify: ## gofmt, go vet and staticcheck, on both modules
 	@test -z "$$(gofmt -l .)" || { echo "gofmt would change:"; gofmt -l .; exit 1; }

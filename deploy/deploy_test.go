@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -16,16 +18,14 @@ import (
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
-	"sigs.k8s.io/kustomize/api/krusty"
-	"sigs.k8s.io/kustomize/kyaml/filesys"
-	"sigs.k8s.io/yaml"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // Names the manifests and this test agree on.
 const (
 	namespace      = "kube-system"
 	daemonSetName  = "apiserver-proxy"
-	settingsFile   = "config.yaml"
+	settingsFile   = "base/config.yaml"
 	setupName      = "setup"
 	sidecarName    = "sidecar"
 	proxyName      = "proxy"
@@ -34,72 +34,41 @@ const (
 	metricsPort    = "metrics"
 	probeHost      = "127.0.0.1"
 	localConfigKey = "config.kubernetes.io/local-config"
+	// interfaceName is the sidecar's own dummy link.
+	interfaceName = "apiserver-proxy"
+	// interceptedPort is the `kubernetes` Service's port.
+	interceptedPort = "443"
 )
 
-// base is the kustomize base rendered and decoded.
+// base is the kustomize base rendered and decoded, with the values of
+// config.yaml and its one DaemonSet.
 type base struct {
-	settings        settings
-	daemonSet       *appsv1.DaemonSet
-	configMaps      map[string]*corev1.ConfigMap
-	services        []*corev1.Service
-	serviceAccounts map[string]*corev1.ServiceAccount
+	*rendered
+	settings  settings
+	daemonSet *appsv1.DaemonSet
 }
 
 // settings are the values of config.yaml, the one place they are set.
 type settings struct {
-	Address, Port, Upstream string
+	// Address is the proxy's own address; ServiceIP the `kubernetes`
+	// Service's ClusterIP, intercepted on every node.
+	Address, ServiceIP, Port, Upstream string
 }
 
-// render renders the kustomization in this directory as `kubectl kustomize`
-// does and decodes every object strictly: an unknown or misspelt field, a
-// duplicate key or a kind this test does not know fails the test.
+// addresses is the list the sidecar is given: the proxy address, then the
+// ClusterIP.
+func (s settings) addresses() string { return s.Address + "," + s.ServiceIP }
+
+// render renders the base in this directory and checks that it holds
+// exactly one DaemonSet, the one this test knows.
 func render(t *testing.T) *base {
 	t.Helper()
-	m, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), ".")
-	if err != nil {
-		t.Fatalf("kustomize build: %v", err)
+	r := renderDir(t, ".")
+	ds, ok := r.daemonSets[daemonSetName]
+	if !ok || len(r.daemonSets) != 1 {
+		t.Fatalf("rendered DaemonSets %v, want exactly %q", slices.Sorted(maps.Keys(r.daemonSets)), daemonSetName)
 	}
-	b := &base{
-		settings:        readSettings(t),
-		configMaps:      map[string]*corev1.ConfigMap{},
-		serviceAccounts: map[string]*corev1.ServiceAccount{},
-	}
-	for _, res := range m.Resources() {
-		y, err := res.AsYAML()
-		if err != nil {
-			t.Fatalf("%s: %v", res.CurId(), err)
-		}
-		switch kind := res.GetKind(); kind {
-		case "DaemonSet":
-			if b.daemonSet != nil {
-				t.Fatalf("more than one DaemonSet")
-			}
-			b.daemonSet = decode[appsv1.DaemonSet](t, kind, y)
-		case "ConfigMap":
-			cm := decode[corev1.ConfigMap](t, kind, y)
-			b.configMaps[cm.Name] = cm
-		case "Service":
-			b.services = append(b.services, decode[corev1.Service](t, kind, y))
-		case "ServiceAccount":
-			sa := decode[corev1.ServiceAccount](t, kind, y)
-			b.serviceAccounts[sa.Name] = sa
-		default:
-			t.Fatalf("rendered a %s, which this test does not know how to check: add it here", kind)
-		}
-	}
-	if b.daemonSet == nil {
-		t.Fatalf("no DaemonSet rendered")
-	}
-	return b
-}
-
-func decode[T any](t *testing.T, kind string, y []byte) *T {
-	t.Helper()
-	var obj T
-	if err := yaml.UnmarshalStrict(y, &obj); err != nil {
-		t.Fatalf("decoding %s strictly: %v\n%s", kind, err, y)
-	}
-	return &obj
+	return &base{rendered: r, settings: readSettings(t), daemonSet: ds}
 }
 
 func readSettings(t *testing.T) settings {
@@ -112,18 +81,28 @@ func readSettings(t *testing.T) settings {
 	if cm.Annotations[localConfigKey] != "true" {
 		t.Errorf("%s: want annotation %s: \"true\", so that it only feeds kustomize", settingsFile, localConfigKey)
 	}
-	s := settings{Address: cm.Data["address"], Port: cm.Data["port"], Upstream: cm.Data["upstream"]}
-	if net.ParseIP(s.Address) == nil {
+	s := settings{Address: cm.Data["address"], ServiceIP: cm.Data["serviceIP"], Port: cm.Data["port"], Upstream: cm.Data["upstream"]}
+	proxy, err := netip.ParseAddr(s.Address)
+	if err != nil || proxy.Zone() != "" {
 		t.Errorf("%s: address %q is not an IP address", settingsFile, s.Address)
 	}
-	if p, err := strconv.ParseUint(s.Port, 10, 16); err != nil || p == 0 {
-		t.Errorf("%s: port %q is not a port number", settingsFile, s.Port)
+	service, err := netip.ParseAddr(s.ServiceIP)
+	if err != nil || service.Zone() != "" {
+		t.Errorf("%s: serviceIP %q is not an IP address", settingsFile, s.ServiceIP)
+	}
+	if proxy == service {
+		t.Errorf("%s: address and serviceIP are both %s: the proxy needs an address of its own next to the ClusterIP it intercepts", settingsFile, s.Address)
+	}
+	// The `kubernetes` Service listens on 443; the interception answers
+	// the ClusterIP on the same port.
+	if s.Port != interceptedPort {
+		t.Errorf("%s: port %q, want %s, the `kubernetes` Service's port, or the interception of %s does not catch its clients", settingsFile, s.Port, interceptedPort, s.ServiceIP)
 	}
 	if _, _, err := net.SplitHostPort(s.Upstream); err != nil {
 		t.Errorf("%s: upstream %q is not host:port: %v", settingsFile, s.Upstream, err)
 	}
-	if len(cm.Data) != 3 {
-		t.Errorf("%s: want exactly address, port and upstream, got %v", settingsFile, cm.Data)
+	if len(cm.Data) != 4 {
+		t.Errorf("%s: want exactly address, serviceIP, port and upstream, got %v", settingsFile, cm.Data)
 	}
 	return s
 }
@@ -138,6 +117,9 @@ func TestObjects(t *testing.T) {
 		}
 	}
 	check("DaemonSet", b.daemonSet.Name, b.daemonSet.Namespace)
+	if n := len(b.serviceMonitors) + len(b.prometheusRules); n > 0 {
+		t.Errorf("the base renders %d monitoring objects: they belong in components/monitoring, which is opt-in", n)
+	}
 	for _, cm := range b.configMaps {
 		check("ConfigMap", cm.Name, cm.Namespace)
 		if cm.Annotations[localConfigKey] != "" {
@@ -190,12 +172,7 @@ func TestPod(t *testing.T) {
 		t.Error("pod securityContext.seccompProfile.type must be RuntimeDefault")
 	}
 
-	us := ds.Spec.UpdateStrategy
-	if us.Type != appsv1.RollingUpdateDaemonSetStrategyType || us.RollingUpdate == nil ||
-		us.RollingUpdate.MaxSurge == nil || us.RollingUpdate.MaxSurge.String() != "1" ||
-		us.RollingUpdate.MaxUnavailable == nil || us.RollingUpdate.MaxUnavailable.String() != "0" {
-		t.Errorf("updateStrategy %+v: want RollingUpdate with maxSurge 1 and maxUnavailable 0, so a node never goes without the proxy", us)
-	}
+	checkRollout(t, ds)
 	// With hostNetwork every declared container port is also a host port,
 	// and the surge pod could not be scheduled next to the old one.
 	for _, c := range slices.Concat(pod.InitContainers, pod.Containers) {
@@ -226,8 +203,9 @@ func TestSetupInitContainer(t *testing.T) {
 	}
 	flags := parseFlags(t, setup)
 	want := map[string]string{
-		"ip-address":     b.settings.Address,
+		"ip-address":     b.settings.addresses(),
 		"port":           b.settings.Port,
+		"interface":      interfaceName,
 		"daemon":         "false",
 		"setup-iptables": "true",
 	}
@@ -249,9 +227,12 @@ func TestSidecarContainer(t *testing.T) {
 	c := container(t, pod.Containers, sidecarName)
 	flags := parseFlags(t, c)
 
-	if flags["ip-address"] != b.settings.Address || flags["port"] != b.settings.Port {
+	if flags["ip-address"] != b.settings.addresses() || flags["port"] != b.settings.Port {
 		t.Errorf("sidecar: --ip-address=%q --port=%q, want %q and %q from %s",
-			flags["ip-address"], flags["port"], b.settings.Address, b.settings.Port, settingsFile)
+			flags["ip-address"], flags["port"], b.settings.addresses(), b.settings.Port, settingsFile)
+	}
+	if flags["interface"] != interfaceName {
+		t.Errorf("sidecar: --interface=%q, want %q: a dummy link of its own, not lo", flags["interface"], interfaceName)
 	}
 	if v, ok := flags["daemon"]; ok && v != "true" {
 		t.Errorf("sidecar: --daemon=%s, want daemon mode", v)
@@ -302,7 +283,7 @@ func TestSecurity(t *testing.T) {
 	pod := b.daemonSet.Spec.Template.Spec
 	for _, c := range []*corev1.Container{container(t, pod.InitContainers, setupName), container(t, pod.Containers, sidecarName)} {
 		checkSecurity(t, c, "NET_ADMIN", "NET_RAW")
-		resources(t, c, "5m", "15Mi")
+		resources(t, c, "5m", "20Mi")
 		if _, ok := c.Resources.Limits[corev1.ResourceMemory]; ok {
 			t.Errorf("%s: no memory limit: an OOM kill would cut the node off the API server", c.Name)
 		}
@@ -328,14 +309,16 @@ func TestProxy(t *testing.T) {
 	b := render(t)
 	pod := b.daemonSet.Spec.Template.Spec
 	c := container(t, pod.Containers, proxyName)
-	cfg := haproxyConfig(t, b, pod, c)
+	cfg := haproxyConfig(t, b.rendered, pod, c)
 	env := environment(t, c)
 	sections := parseHAProxy(t, cfg, env)
 
-	sidecar := parseFlags(t, container(t, pod.Containers, sidecarName))
-	wantBind := sidecar["ip-address"] + ":" + sidecar["port"]
-	if got := sections["frontend apiserver"]["bind"]; !slices.Equal(got, []string{wantBind}) {
-		t.Errorf("haproxy listens on %q, but the sidecar keeps %s", got, wantBind)
+	binds := sections["frontend apiserver"]["bind"]
+	for _, c := range []*corev1.Container{container(t, pod.InitContainers, setupName), container(t, pod.Containers, sidecarName)} {
+		flags := parseFlags(t, c)
+		if err := sameAddresses(flags["ip-address"], flags["port"], binds); err != nil {
+			t.Errorf("%s (--ip-address=%s --port=%s) and haproxy (bind %q) disagree: %v", c.Name, flags["ip-address"], flags["port"], binds, err)
+		}
 	}
 	if env["APISERVER_UPSTREAM"] != b.settings.Upstream {
 		t.Errorf("proxy forwards to %q, want %q from %s", env["APISERVER_UPSTREAM"], b.settings.Upstream, settingsFile)
@@ -370,26 +353,66 @@ func TestHAProxyAcceptsConfig(t *testing.T) {
 	pod := b.daemonSet.Spec.Template.Spec
 	c := container(t, pod.Containers, proxyName)
 	path := filepath.Join(t.TempDir(), haproxyCfgKey)
-	if err := os.WriteFile(path, []byte(haproxyConfig(t, b, pod, c)), 0o644); err != nil {
+	if err := os.WriteFile(path, []byte(haproxyConfig(t, b.rendered, pod, c)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("haproxy", "-c", "-f", path)
-	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
-	for k, v := range environment(t, c) {
-		cmd.Env = append(cmd.Env, k+"="+v)
-	}
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("haproxy -c: %v\n%s", err, out)
-	}
-	// The example upstream has no address here, and this machine's resolver
-	// may be unreachable; any other warning is a mistake in the file.
-	for line := range strings.Lines(string(out)) {
-		if strings.Contains(line, "WARNING") &&
-			!strings.Contains(line, "could not resolve address") &&
-			!strings.Contains(line, "for nameserver") {
-			t.Errorf("haproxy -c: %s", strings.TrimSpace(line))
+	env := environment(t, c)
+	// As rendered, and with the IPv6 addresses an IPv6-first cluster
+	// writes into config.yaml (README.md: "that is the whole change").
+	ipv6 := maps.Clone(env)
+	ipv6["APISERVER_PROXY_ADDRESS"], ipv6["APISERVER_SERVICE_IP"] = "fd00:240::2", "fd00:10:96::1"
+	for what, env := range map[string]map[string]string{"as rendered": env, "with IPv6 addresses": ipv6} {
+		cmd := exec.Command("haproxy", "-c", "-f", path)
+		cmd.Env = []string{"PATH=" + os.Getenv("PATH")}
+		for k, v := range env {
+			cmd.Env = append(cmd.Env, k+"="+v)
 		}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Errorf("haproxy -c, %s: %v\n%s", what, err, out)
+			continue
+		}
+		// The example upstream has no address here, and this machine's
+		// resolver may be unreachable; any other warning is a mistake in
+		// the file.
+		for line := range strings.Lines(string(out)) {
+			if strings.Contains(line, "WARNING") &&
+				!strings.Contains(line, "could not resolve address") &&
+				!strings.Contains(line, "for nameserver") {
+				t.Errorf("haproxy -c, %s: %s", what, strings.TrimSpace(line))
+			}
+		}
+	}
+}
+
+// surge is the share of nodes updated at once, as README.md explains it.
+const surge = "10%"
+
+// checkRollout checks that every node keeps its proxy during a rolling
+// update (the new pod first: maxUnavailable 0) and that the surge is a
+// share of the nodes, so that a rollout takes about as many waves on ten
+// nodes as on ten thousand.
+func checkRollout(t *testing.T, ds *appsv1.DaemonSet) {
+	t.Helper()
+	us := ds.Spec.UpdateStrategy
+	if us.Type != appsv1.RollingUpdateDaemonSetStrategyType || us.RollingUpdate == nil {
+		t.Fatalf("updateStrategy %+v: want RollingUpdate", us)
+	}
+	ru := us.RollingUpdate
+	if ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "0" {
+		t.Errorf("maxUnavailable %v, want 0, so a node never goes without the proxy", ru.MaxUnavailable)
+	}
+	if ru.MaxSurge == nil || ru.MaxSurge.Type != intstr.String || ru.MaxSurge.String() != surge {
+		t.Errorf("maxSurge %v, want %s: a count would take one wave per node (days on 10,000 nodes)", ru.MaxSurge, surge)
+	}
+	for _, n := range []int{1, 10, 100, 10_000} {
+		got, err := intstr.GetScaledValueFromIntOrPercent(ru.MaxSurge, n, true)
+		if err != nil || got < 1 {
+			t.Errorf("maxSurge %v on %d nodes is %d (%v): the rollout would never start", ru.MaxSurge, n, got, err)
+		}
+	}
+	if ds.Spec.MinReadySeconds != 0 {
+		t.Errorf("minReadySeconds %d: README.md gives the rollout's duration without it", ds.Spec.MinReadySeconds)
 	}
 }
 
@@ -536,7 +559,7 @@ func environment(t *testing.T, c *corev1.Container) map[string]string {
 
 // haproxyConfig returns haproxy.cfg from the ConfigMap mounted where the
 // proxy container reads it.
-func haproxyConfig(t *testing.T, b *base, pod corev1.PodSpec, c *corev1.Container) string {
+func haproxyConfig(t *testing.T, b *rendered, pod corev1.PodSpec, c *corev1.Container) string {
 	t.Helper()
 	i := slices.Index(c.Command, "-f")
 	if i < 0 || i+1 >= len(c.Command) {
