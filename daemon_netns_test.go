@@ -164,7 +164,7 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			ipt := "iptables-" + backend
-			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms"}
+			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms", "--unsafe-short-sync-interval"}
 			want := wantState(t, backend)
 			whole := func() bool { return slices.Equal(ourState(t, ns, backend), want) }
 

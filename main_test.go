@@ -65,6 +65,9 @@ func TestBadInputExits2(t *testing.T) {
 		{"interface with control character", []string{"--ip-address", "10.96.0.2", "--interface", "lo\x7f"}, `"lo\x7f" for --interface`},
 		{"zero sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0"}, `"0s" for --sync-interval`},
 		{"negative sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "-5s"}, `"-5s" for --sync-interval`},
+		{"sync interval of a millisecond", []string{"--ip-address", "10.96.0.2", "--sync-interval", "1ms"}, `invalid value "1ms" for --sync-interval: must be at least 1s`},
+		{"sync interval below the floor", []string{"--ip-address", "10.96.0.2", "--sync-interval", "999ms"}, `invalid value "999ms" for --sync-interval: must be at least 1s`},
+		{"zero sync interval, floor lifted", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0", "--unsafe-short-sync-interval"}, `"0s" for --sync-interval`},
 		{"sync interval not a duration", []string{"--ip-address", "10.96.0.2", "--sync-interval", "often"}, `"often" for "--sync-interval"`},
 		{"iptables timeout within the lock wait", []string{"--ip-address", "10.96.0.2", "--iptables-timeout", "2s"}, `"2s" for --iptables-timeout`},
 		{"newline in address", []string{"--ip-address", "10.96.0.2\n-A INPUT -j DROP"}, `--ip-address`},
@@ -95,6 +98,22 @@ func TestBadInputExits2(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestShortSyncIntervalNeedsUnsafeFlag proves that an interval below the
+// floor is accepted only with the hidden flag that names itself unsafe.
+func TestShortSyncIntervalNeedsUnsafeFlag(t *testing.T) {
+	args := []string{"--dry-run", "--iptables-backend", "nft", "--ip-address", "10.96.0.2", "--sync-interval", "20ms"}
+	if code, _, _ := runCmd(t, args...); code != exitUsage {
+		t.Errorf("%q: exit code %d, want %d", args, code, exitUsage)
+	}
+	args = append(args, "--unsafe-short-sync-interval")
+	if code, _, stderr := runCmd(t, args...); code != exitOK || stderr != "" {
+		t.Errorf("%q: exit code %d, stderr %q; want 0 and nothing", args, code, stderr)
+	}
+	if _, stdout, _ := runCmd(t, "--help"); strings.Contains(stdout, "unsafe") {
+		t.Errorf("--help shows the unsafe flag:\n%s", stdout)
 	}
 }
 
