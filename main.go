@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
@@ -162,11 +163,18 @@ func usageError(stderr io.Writer, err error) int {
 // --cleanup only the cleanup (a teardown mode for preStop hooks and node
 // clean-up jobs).
 func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error {
-	// Handle SIGTERM and SIGINT from the start: a signal during start-up
+	// Handle the stop signals from the start: a signal during start-up
 	// must not kill the process halfway. One-shot runs finish their work
 	// regardless; the daemon stops its loop.
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop := notifyStop(ctx)
 	defer stop()
+	if !cfg.Daemon {
+		defer func() {
+			if sig := receivedSignal(ctx); sig != "" {
+				klog.InfoS("Signal received; the one-shot run finished its work first", "signal", sig)
+			}
+		}()
+	}
 	defer logResourceUse()
 	address, err := apply.NewAddressManager(cfg.Interface, cfg.Addrs)
 	if err != nil {
@@ -210,13 +218,70 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables}
 	go watchers.Run(ctx, events)
 	sidecar.Run(ctx, cfg.SyncInterval, events)
-	klog.InfoS("Stopping")
+	if sig := receivedSignal(ctx); sig != "" {
+		klog.InfoS("Stopping", "signal", sig)
+	} else {
+		klog.InfoS("Stopping", "reason", context.Cause(ctx))
+	}
 	stopTelemetry(listeners)
 	if cfg.Cleanup {
 		return cleanup(sidecar)
 	}
 	klog.InfoS("Leaving address and rules in place (no --cleanup)")
 	return nil
+}
+
+// stopSignals stop the sidecar in order: the daemon lets a sync in progress
+// finish, then cleans up with --cleanup; a one-shot run finishes its work.
+// SIGHUP is one of them: a supervisor or a closed terminal that sends it
+// must not end the daemon halfway, unlogged and without its cleanup.
+// SIGQUIT is left to Go, which prints every goroutine's stack and exits 2:
+// that dump is how a hung daemon is debugged.
+var stopSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP}
+
+// signalReceived is the cause of a context that notifyStop ended.
+type signalReceived struct{ sig os.Signal }
+
+func (s signalReceived) Error() string { return signalName(s.sig) + " received" }
+
+// notifyStop returns a context that the first of stopSignals cancels, with
+// a signalReceived cause. Until stop is called, later signals are caught
+// and dropped, so that a second SIGTERM cannot cut a cleanup short.
+func notifyStop(parent context.Context) (ctx context.Context, stop func()) {
+	ctx, cancel := context.WithCancelCause(parent)
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, stopSignals...)
+	go func() {
+		select {
+		case sig := <-ch:
+			cancel(signalReceived{sig})
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() {
+		signal.Stop(ch)
+		cancel(context.Canceled)
+	}
+}
+
+// receivedSignal names the signal that ended ctx ("SIGHUP"), or returns ""
+// if none did.
+func receivedSignal(ctx context.Context) string {
+	var s signalReceived
+	if errors.As(context.Cause(ctx), &s) {
+		return signalName(s.sig)
+	}
+	return ""
+}
+
+// signalName is the signal's C name, as kill(1) and the README spell it.
+func signalName(sig os.Signal) string {
+	if n, ok := sig.(syscall.Signal); ok {
+		if name := unix.SignalName(n); name != "" {
+			return name
+		}
+	}
+	return sig.String()
 }
 
 // logResourceUse logs, at exit and at -v=2, the CPU time of the process

@@ -7,9 +7,12 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
@@ -114,6 +117,44 @@ func TestShortSyncIntervalNeedsUnsafeFlag(t *testing.T) {
 	}
 	if _, stdout, _ := runCmd(t, "--help"); strings.Contains(stdout, "unsafe") {
 		t.Errorf("--help shows the unsafe flag:\n%s", stdout)
+	}
+}
+
+// TestStopSignals sends this process each stop signal: the context ends,
+// naming the signal, and the process lives on.
+func TestStopSignals(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) {
+			ctx, stop := notifyStop(context.Background())
+			defer stop()
+			if got := receivedSignal(ctx); got != "" {
+				t.Fatalf("before any signal: %q", got)
+			}
+			if err := syscall.Kill(os.Getpid(), sig); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%v did not end the context within 10s", sig)
+			}
+			if got, want := receivedSignal(ctx), unix.SignalName(sig); got != want {
+				t.Errorf("receivedSignal = %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// TestStopWithoutSignal proves that a context ended otherwise names no
+// signal.
+func TestStopWithoutSignal(t *testing.T) {
+	parent, cancel := context.WithCancel(context.Background())
+	ctx, stop := notifyStop(parent)
+	defer stop()
+	cancel()
+	<-ctx.Done()
+	if got := receivedSignal(ctx); got != "" {
+		t.Errorf("receivedSignal = %q after the parent was cancelled, want none", got)
 	}
 }
 
