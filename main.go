@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -58,11 +59,13 @@ type machine struct {
 	detect func(ctx context.Context, f render.Family) (apply.Detection, error)
 }
 
-// run parses and validates args, then either prints the ruleset
-// (--dry-run) or hands over to the sidecar. It returns the exit code.
+// run parses and validates args, then either prints the version
+// (--version) or the ruleset (--dry-run), or hands over to the sidecar. It
+// returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine) int {
 	var flags config.Flags
 	fs := newFlagSet(&flags)
+	showVersion := fs.Bool("version", false, "print the version and the Go release this binary was built with, and exit.")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			fmt.Fprintf(stdout, "Usage of %s:\n%s", name, fs.FlagUsages())
@@ -75,6 +78,10 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine
 	}
 	if err := refuseNewlines(fs); err != nil {
 		return usageError(stderr, err)
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "%s %s %s %s/%s\n", name, version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		return exitOK
 	}
 	cfg, err := flags.Validate()
 	if err != nil {

@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -158,6 +161,47 @@ func TestStopWithoutSignal(t *testing.T) {
 	}
 }
 
+// TestVersion proves that --version prints the version and the Go release,
+// with or without other flags, and starts nothing.
+func TestVersion(t *testing.T) {
+	want := fmt.Sprintf("%s %s %s %s/%s\n", name, version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	for _, args := range [][]string{{"--version"}, {"--version", "--ip-address", "10.96.0.2", "--setup-iptables"}, {"--version=true"}} {
+		code, stdout, stderr := runCmd(t, args...)
+		if code != exitOK || stdout != want || stderr != "" {
+			t.Errorf("%q: exit code %d, stdout %q, stderr %q; want 0, %q and nothing", args, code, stdout, stderr, want)
+		}
+	}
+	if code, _, _ := runCmd(t, "--version", "extra"); code != exitUsage {
+		t.Errorf("--version with a stray argument: exit code %d, want %d", code, exitUsage)
+	}
+}
+
+// TestVersionStampedByMakeBuild builds the binary as `make build` does and
+// checks that --version reports the version the build was given: the
+// variable the Makefile and the Dockerfile stamp (-X main.version) exists.
+func TestVersionStampedByMakeBuild(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed")
+	}
+	for _, file := range []string{"Makefile", "Dockerfile"} {
+		if !strings.Contains(readFile(t, file), "-X main.version=") {
+			t.Errorf("%s does not stamp main.version", file)
+		}
+	}
+	bin := filepath.Join(t.TempDir(), name)
+	build := exec.Command("make", "--no-print-directory", "build", "BINARY="+bin, "VERSION=v0.0.0-stamp-test")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("make build: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(out), name+" v0.0.0-stamp-test go") {
+		t.Errorf("--version printed %q, want the stamped version", out)
+	}
+}
+
 func TestHelpListsSeedFlags(t *testing.T) {
 	code, stdout, stderr := runCmd(t, "--help")
 	if code != exitOK || stderr != "" {
@@ -187,6 +231,7 @@ func TestHelpListsSeedFlags(t *testing.T) {
 		"--dry-run ",
 		"--health-probe-bind-address string ",
 		"--metrics-bind-address string ",
+		"--version ",
 	} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("--help does not show %q", want)

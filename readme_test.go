@@ -1,7 +1,11 @@
 package main
 
 import (
+	"bytes"
+	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"regexp"
 	"slices"
 	"strings"
@@ -60,6 +64,53 @@ func fencedBlock(s string) (string, bool) {
 	}
 	block, _, ok := strings.Cut(rest, "\n```")
 	return block + "\n", ok
+}
+
+// TestREADMECommandLineMatchesHelp keeps the flag list README.md shows
+// under "## Command line" equal to what --help prints.
+func TestREADMECommandLineMatchesHelp(t *testing.T) {
+	readme := readFile(t, "README.md")
+	_, section, ok := strings.Cut(readme, "\n## Command line\n\n")
+	if !ok {
+		t.Fatal(`README.md has no "## Command line" section`)
+	}
+	block, ok := fencedBlock(section)
+	if !ok {
+		t.Fatal(`README.md's "## Command line" does not start with a fenced block`)
+	}
+	// --help shows klog's flags with their current values as defaults, and
+	// other tests of this process set some of them: ask a fresh process.
+	cmd := exec.Command(os.Args[0], "-test.run=^TestHelpProcess$")
+	cmd.Env = append(os.Environ(), helpProcessEnv+"=1")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("--help in a fresh process: %v", err)
+	}
+	_, help, _ := strings.Cut(string(out), "\n") // after "Usage of ...:"
+	help, _, _ = strings.Cut(help, helpProcessEnd)
+	if diff := cmp.Diff(strings.Split(help, "\n"), strings.Split(block, "\n")); diff != "" {
+		t.Errorf("README.md's command-line block differs from --help (-help +README):\n%s\ncopy the output of `go run . --help` into README.md", diff)
+	}
+}
+
+// helpProcessEnv makes TestHelpProcess print --help, then helpProcessEnd
+// (the test framework prints its own lines after).
+const (
+	helpProcessEnv = "APISERVER_PROXY_SIDECAR_HELP_PROCESS"
+	helpProcessEnd = "--- end of help ---"
+)
+
+// TestHelpProcess is not a test: run by TestREADMECommandLineMatchesHelp
+// in a process of its own, it prints --help.
+func TestHelpProcess(t *testing.T) {
+	if os.Getenv(helpProcessEnv) == "" {
+		t.Skip("prints --help for TestREADMECommandLineMatchesHelp only")
+	}
+	var stderr bytes.Buffer
+	if code := run(context.Background(), []string{"--help"}, os.Stdout, &stderr, machine{}); code != exitOK {
+		t.Fatalf("--help: exit code %d, stderr %q", code, stderr.String())
+	}
+	fmt.Println(helpProcessEnd)
 }
 
 // TestREADMEMakeTargets checks that every `make TARGET` README.md names is
