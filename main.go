@@ -74,6 +74,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine
 		return usageError(stderr, err)
 	}
 	if fs.NArg() > 0 {
+		if flag, value, ok := boolValueApart(fs, args); ok {
+			return usageError(stderr, fmt.Errorf("unexpected argument %q: --%s takes no separate value: write --%s=%s", value, flag, flag, value))
+		}
 		return usageError(stderr, fmt.Errorf("unexpected argument %q: this command takes flags only", fs.Arg(0)))
 	}
 	if err := refuseNewlines(fs); err != nil {
@@ -146,6 +149,37 @@ func newFlagSet(flags *config.Flags) *pflag.FlagSet {
 	klog.InitFlags(klogFlags)
 	fs.AddGoFlagSet(klogFlags)
 	return fs
+}
+
+// boolValueApart finds a boolean flag followed by a separate argument that
+// reads as a boolean (--daemon false): pflag takes a boolean's value only
+// after "=", so the "false" is left over as an argument. It walks args as
+// pflag does, so that the value of a flag that takes one is not mistaken
+// for a flag.
+func boolValueApart(fs *pflag.FlagSet, args []string) (flag, value string, ok bool) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		var f *pflag.Flag
+		switch {
+		case a == "--":
+			return "", "", false // the rest are arguments
+		case strings.HasPrefix(a, "--") && !strings.Contains(a, "="):
+			f = fs.Lookup(a[2:])
+		case len(a) == 2 && a[0] == '-' && a[1] != '-':
+			f = fs.ShorthandLookup(a[1:])
+		}
+		switch {
+		case f == nil:
+			// An argument, or a flag with its value attached.
+		case f.NoOptDefVal == "":
+			i++ // the next argument is this flag's value
+		case i+1 < len(args):
+			if _, err := strconv.ParseBool(args[i+1]); err == nil {
+				return f.Name, args[i+1], true
+			}
+		}
+	}
+	return "", "", false
 }
 
 // refuseNewlines refuses any flag value with a line break: no value has a

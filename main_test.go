@@ -107,6 +107,42 @@ func TestBadInputExits2(t *testing.T) {
 	}
 }
 
+// TestBoolFlagValueApart proves the hint for a boolean flag given its value
+// as a separate argument (--daemon false), for every boolean flag of ours
+// and every spelling pflag accepts, and that arguments are not mistaken
+// for it.
+func TestBoolFlagValueApart(t *testing.T) {
+	for _, flag := range []string{"daemon", "cleanup", "setup-iptables", "dry-run"} {
+		for _, value := range []string{"false", "true", "FALSE", "True", "f", "T", "0", "1"} {
+			args := []string{"--ip-address", "10.96.0.2", "--" + flag, value}
+			code, stdout, stderr := runCmd(t, args...)
+			want := fmt.Sprintf(`unexpected argument %q: --%s takes no separate value: write --%s=%s (see --help)`+"\n", value, flag, flag, value)
+			if code != exitUsage || stdout != "" || stderr != name+": "+want {
+				t.Errorf("%q: exit code %d, stdout %q, stderr %q; want %d, nothing and %q", args, code, stdout, stderr, exitUsage, want)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"value attached, then an argument", []string{"--ip-address", "10.96.0.2", "--daemon=false", "false"}},
+		{"a flag's value that looks like a flag", []string{"--port", "--daemon", "false"}},
+		{"not a boolean", []string{"--ip-address", "10.96.0.2", "--daemon", "no"}},
+		{"after --", []string{"--ip-address", "10.96.0.2", "--", "--daemon", "false"}},
+	} {
+		code, _, stderr := runCmd(t, tc.args...)
+		if code != exitUsage || strings.Contains(stderr, "takes no separate value") || !strings.Contains(stderr, "unexpected argument") {
+			t.Errorf("%s: %q: exit code %d, stderr %q; want %d and no hint", tc.name, tc.args, code, stderr, exitUsage)
+		}
+	}
+	// A shorthand that takes a value (-v 2) is skipped with it.
+	code, _, stderr := runCmd(t, "-v", "2", "--ip-address", "10.96.0.2", "--dry-run", "false")
+	if code != exitUsage || !strings.Contains(stderr, "--dry-run takes no separate value: write --dry-run=false") {
+		t.Errorf("after -v 2: exit code %d, stderr %q; want the hint for --dry-run", code, stderr)
+	}
+}
+
 // TestShortSyncIntervalNeedsUnsafeFlag proves that an interval below the
 // floor is accepted only with the hidden flag that names itself unsafe.
 func TestShortSyncIntervalNeedsUnsafeFlag(t *testing.T) {
