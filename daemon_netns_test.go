@@ -235,8 +235,9 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 // TestDaemonStopSignals stops the sidecar binary with SIGHUP and SIGINT:
 // each stops it as SIGTERM does (TestDaemonRepairsAndExits), logged by
 // name, exit 0, everything left in place without --cleanup and all of ours
-// removed with it. SIGQUIT is Go's: a dump of every goroutine and exit 2,
-// with everything left in place.
+// removed with it; without --setup-iptables the log says the rules were
+// not managed. SIGQUIT is Go's: a dump of every goroutine and exit 2, with
+// everything left in place.
 func TestDaemonStopSignals(t *testing.T) {
 	netnstest.Require(t)
 	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
@@ -284,6 +285,24 @@ func TestDaemonStopSignals(t *testing.T) {
 			})
 		}
 	}
+	t.Run("no --setup-iptables/SIGHUP", func(t *testing.T) {
+		t.Parallel()
+		ns := netnstest.New(t)
+		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2")
+		onLo := func() bool {
+			return strings.Contains(ns.Run(t, "ip", "-o", "addr", "show", "dev", "lo"), " 10.96.0.2/32 ")
+		}
+		eventually(t, 10*time.Second, "the address on lo", onLo)
+		if code := d.signal(t, syscall.SIGHUP); code != 0 {
+			t.Fatalf("exit code %d after SIGHUP, want 0", code)
+		}
+		if want := `"Leaving the address in place (no --cleanup); rules not managed (no --setup-iptables)"`; !strings.Contains(d.log(), want) {
+			t.Errorf("the log does not say %s", want)
+		}
+		if !onLo() {
+			t.Error("the address is gone from lo")
+		}
+	})
 	t.Run("nft/SIGQUIT", func(t *testing.T) {
 		t.Parallel()
 		ns := netnstest.New(t)

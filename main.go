@@ -243,7 +243,11 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 		if err := sidecar.Sync(context.WithoutCancel(ctx)); err != nil {
 			return err
 		}
-		klog.InfoS("Address and rules are in place")
+		if cfg.SetupIPTables {
+			klog.InfoS("Address and rules are in place", "addresses", cfg.Addrs)
+		} else {
+			klog.InfoS("Address is in place; rules not managed (no --setup-iptables)", "addresses", cfg.Addrs)
+		}
 		return nil
 	}
 	// The health and metrics listeners run in daemon mode only: a one-shot
@@ -268,7 +272,11 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	if cfg.Cleanup {
 		return cleanup(sidecar)
 	}
-	klog.InfoS("Leaving address and rules in place (no --cleanup)")
+	if cfg.SetupIPTables {
+		klog.InfoS("Leaving address and rules in place (no --cleanup)")
+	} else {
+		klog.InfoS("Leaving the address in place (no --cleanup); rules not managed (no --setup-iptables)")
+	}
 	return nil
 }
 
