@@ -131,6 +131,40 @@ func TestREADMEMakeTargets(t *testing.T) {
 	}
 }
 
+// TestREADMESetupMatchesCI keeps the packages README.md's set-up line
+// installs equal to those CI installs before it runs the same tests.
+func TestREADMESetupMatchesCI(t *testing.T) {
+	readme, ci := aptPackages(t, "README.md"), aptPackages(t, ".ci/run")
+	if diff := cmp.Diff(ci, readme); diff != "" {
+		t.Errorf("README.md's set-up line installs other packages than .ci/run (-.ci/run +README.md):\n%s", diff)
+	}
+	for _, want := range []string{"gcc", "make"} { // the race detector needs cgo
+		if !slices.Contains(readme, want) {
+			t.Errorf("README.md's set-up line does not install %s", want)
+		}
+	}
+}
+
+var aptInstall = regexp.MustCompile(`(?m)apt-get install ([^\n>` + "`" + `]*)`)
+
+// aptPackages returns the sorted packages of the one apt-get install line
+// in path.
+func aptPackages(t *testing.T, path string) []string {
+	t.Helper()
+	lines := aptInstall.FindAllStringSubmatch(readFile(t, path), -1)
+	if len(lines) != 1 {
+		t.Fatalf("%s: %d apt-get install lines, want 1", path, len(lines))
+	}
+	var pkgs []string
+	for _, f := range strings.Fields(lines[0][1]) {
+		if !strings.HasPrefix(f, "-") {
+			pkgs = append(pkgs, f)
+		}
+	}
+	slices.Sort(pkgs)
+	return pkgs
+}
+
 func readFile(t *testing.T, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
