@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -11,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
@@ -83,6 +86,21 @@ func (d *daemon) stop(t *testing.T) int {
 	case <-d.done:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the sidecar did not exit within 30s of SIGTERM")
+	}
+	return d.cmd.ProcessState.ExitCode()
+}
+
+// signal sends sig, unless the process has exited already, and returns the
+// exit code, or -1 if a signal ended the process.
+func (d *daemon) signal(t *testing.T, sig syscall.Signal) int {
+	t.Helper()
+	if err := d.cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		t.Fatal(err)
+	}
+	select {
+	case <-d.done:
+	case <-time.After(30 * time.Second):
+		t.Fatalf("the sidecar did not exit within 30s of %s", unix.SignalName(sig))
 	}
 	return d.cmd.ProcessState.ExitCode()
 }
@@ -164,7 +182,7 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			ipt := "iptables-" + backend
-			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms"}
+			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms", "--unsafe-short-sync-interval"}
 			want := wantState(t, backend)
 			whole := func() bool { return slices.Equal(ourState(t, ns, backend), want) }
 
@@ -212,6 +230,95 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDaemonStopSignals stops the sidecar binary with SIGHUP and SIGINT:
+// each stops it as SIGTERM does (TestDaemonRepairsAndExits), logged by
+// name, exit 0, everything left in place without --cleanup and all of ours
+// removed with it; without --setup-iptables the log says the rules were
+// not managed. SIGQUIT is Go's: a dump of every goroutine and exit 2, with
+// everything left in place.
+func TestDaemonStopSignals(t *testing.T) {
+	netnstest.Require(t)
+	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
+	bin := buildSidecar(t)
+	args := func(backend string) []string {
+		return []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend}
+	}
+	for _, backend := range []string{"nft", "legacy"} {
+		for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGINT} {
+			t.Run(backend+"/"+unix.SignalName(sig), func(t *testing.T) {
+				t.Parallel()
+				ns := netnstest.New(t)
+				want := wantState(t, backend)
+				stopping := fmt.Sprintf(`"Stopping" signal=%q`, unix.SignalName(sig))
+
+				d := startDaemon(t, ns, bin, args(backend)...)
+				eventually(t, 10*time.Second, "first sync", func() bool { return slices.Equal(ourState(t, ns, backend), want) })
+				if code := d.signal(t, sig); code != 0 {
+					t.Fatalf("exit code %d after %s, want 0", code, unix.SignalName(sig))
+				}
+				if log := d.log(); !strings.Contains(log, stopping) || !strings.Contains(log, "Leaving address and rules in place") {
+					t.Errorf("the log does not show %s, then the address and rules left in place", stopping)
+				}
+				if got := ourState(t, ns, backend); !slices.Equal(got, want) {
+					t.Errorf("without --cleanup, %s changed our state:\n%q", unix.SignalName(sig), got)
+				}
+
+				d = startDaemon(t, ns, bin, append(args(backend), "--cleanup")...)
+				eventually(t, 10*time.Second, "the restarted sidecar logs its start", func() bool {
+					return strings.Contains(d.log(), "Starting")
+				})
+				// Twice: the second must not cut the cleanup short.
+				if err := d.cmd.Process.Signal(sig); err != nil {
+					t.Fatal(err)
+				}
+				if code := d.signal(t, sig); code != 0 {
+					t.Fatalf("exit code %d after two %s with --cleanup, want 0", code, unix.SignalName(sig))
+				}
+				if !strings.Contains(d.log(), stopping) {
+					t.Errorf("the log does not show %s", stopping)
+				}
+				if left := ourState(t, ns, backend); len(left) != 0 {
+					t.Errorf("%s with --cleanup left: %q", unix.SignalName(sig), left)
+				}
+			})
+		}
+	}
+	t.Run("no --setup-iptables/SIGHUP", func(t *testing.T) {
+		t.Parallel()
+		ns := netnstest.New(t)
+		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2")
+		onLo := func() bool {
+			return strings.Contains(ns.Run(t, "ip", "-o", "addr", "show", "dev", "lo"), " 10.96.0.2/32 ")
+		}
+		eventually(t, 10*time.Second, "the address on lo", onLo)
+		if code := d.signal(t, syscall.SIGHUP); code != 0 {
+			t.Fatalf("exit code %d after SIGHUP, want 0", code)
+		}
+		if want := `"Leaving the address in place (no --cleanup); rules not managed (no --setup-iptables)"`; !strings.Contains(d.log(), want) {
+			t.Errorf("the log does not say %s", want)
+		}
+		if !onLo() {
+			t.Error("the address is gone from lo")
+		}
+	})
+	t.Run("nft/SIGQUIT", func(t *testing.T) {
+		t.Parallel()
+		ns := netnstest.New(t)
+		want := wantState(t, "nft")
+		d := startDaemon(t, ns, bin, append(args("nft"), "--cleanup")...)
+		eventually(t, 10*time.Second, "first sync", func() bool { return slices.Equal(ourState(t, ns, "nft"), want) })
+		if code := d.signal(t, syscall.SIGQUIT); code != 2 {
+			t.Errorf("exit code %d after SIGQUIT, want Go's 2", code)
+		}
+		if log := d.log(); !strings.Contains(log, "SIGQUIT: quit") || !strings.Contains(log, "goroutine ") {
+			t.Error("no goroutine dump after SIGQUIT")
+		}
+		if got := ourState(t, ns, "nft"); !slices.Equal(got, want) {
+			t.Errorf("SIGQUIT changed our state, even with --cleanup:\n%q", got)
+		}
+	})
 }
 
 func mustIPNet(t *testing.T, cidr string) *net.IPNet {

@@ -107,7 +107,7 @@ func TestLegacyRepairsAtTheInterval(t *testing.T) {
 	netnstest.RequireBinaries(t, "iptables-legacy")
 	bin := buildSidecar(t)
 	ns := netnstest.New(t)
-	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "200ms", "-v", "2")
+	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "200ms", "--unsafe-short-sync-interval", "-v", "2")
 	chainWhole := func() bool {
 		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "APISERVER-PROXY-INPUT")
 		return err == nil && strings.Contains(out, "-j ACCEPT")
@@ -220,7 +220,7 @@ func TestSteadyStateSpawnsNothing(t *testing.T) {
 		return strings.Count(string(b), "\n")
 	}
 	d := startDaemonEnv(t, ns, []string{"PATH=" + shims + ":" + os.Getenv("PATH")}, bin,
-		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "20ms", "-v", "2")
+		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 	// Converged: the sync after the first write has read and recorded the
 	// generation; from then on nothing needs to run.
 	eventually(t, 10*time.Second, "converged", func() bool {

@@ -277,7 +277,7 @@ func TestFaultFailingTools(t *testing.T) {
 			shims := newToolShims(t, progs...)
 			d := startDaemonEnv(t, ns, []string{"PATH=" + shims.dir}, bin,
 				"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", tc.backend,
-				"--sync-interval", "300ms", "--iptables-timeout", "6s", "-v", "2", "--metrics-bind-address", metricsAddr)
+				"--sync-interval", "300ms", "--unsafe-short-sync-interval", "--iptables-timeout", "6s", "-v", "2", "--metrics-bind-address", metricsAddr)
 			want := ipv4Want(t)
 			eventually(t, faultDeadline, "first sync", func() bool { return slices.Equal(ipv4State(t, ns, tc.backend), want) })
 			eventually(t, faultDeadline, "metrics served", func() bool {
@@ -689,7 +689,7 @@ func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
 			// as the agents of a node share the host's.
 			env := []string{"XTABLES_LOCKFILE=" + filepath.Join(t.TempDir(), "xtables.lock")}
 			d := startDaemonEnv(t, ns, env, bin, "--ip-address", "10.96.0.2,fd00::2", "--setup-iptables",
-				"--iptables-backend", tc.backend, "--sync-interval", "500ms", "-v", "2", "--metrics-bind-address", metricsAddr)
+				"--iptables-backend", tc.backend, "--sync-interval", "500ms", "--unsafe-short-sync-interval", "-v", "2", "--metrics-bind-address", metricsAddr)
 			want := wantState(t, tc.backend)
 			eventually(t, faultDeadline, "first sync", func() bool { return slices.Equal(ourState(t, ns, tc.backend), want) })
 

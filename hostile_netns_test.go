@@ -226,7 +226,7 @@ func TestCrashesConverge(t *testing.T) {
 				return err == nil
 			}
 			args := []string{"--ip-address", dualStack, "--setup-iptables", "--iptables-backend", backend,
-				"--sync-interval", "10ms", "-v", "2"}
+				"--sync-interval", "10ms", "--unsafe-short-sync-interval", "-v", "2"}
 			var converge []time.Duration
 			restarts, kills, early, drifted, total := 0, 0, 0, 0, 0
 			for round := 0; (total < 200 || kills < 30) && round < 100; round++ {
@@ -313,7 +313,7 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 			writeHostileShim(t, dir, ipt+"-restore", fmt.Sprintf("if [ -e %s ]; then\n  : > %s\n  read -r _ < %s\nfi\nexec REAL \"$@\"\n", gate, started, fifo))
 
 			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
-				"--iptables-backend", backend, "--sync-interval", "50ms", "--cleanup", "-v", "2")
+				"--iptables-backend", backend, "--sync-interval", "50ms", "--unsafe-short-sync-interval", "--cleanup", "-v", "2")
 			want := wantState(t, backend)
 			hostileWait(t, time.Now(), "first sync", wholeCheck(t, ns, backend))
 
@@ -466,7 +466,7 @@ func TestOverlappingInstances(t *testing.T) {
 					interval = "20ms"
 				}
 				args := []string{"--ip-address", dualStack, "--setup-iptables", "--iptables-backend", backend,
-					"--sync-interval", interval, "-v", "2"}
+					"--sync-interval", interval, "--unsafe-short-sync-interval", "-v", "2"}
 				// moreSyncs waits until each instance has finished n more
 				// syncs; with nft, foreign changes trigger them.
 				foreign := 0
@@ -681,7 +681,7 @@ func TestUnexpectedListings(t *testing.T) {
 			writeHostileShim(t, dir, lister, fmt.Sprintf("echo %s >> %s\nset -o pipefail\nREAL \"$@\" | bash %s\n", lister, listedLog, mode))
 			whole := wholeCheck(t, ns, backend)
 			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
-				"--iptables-backend", backend, "--sync-interval", interval, "-v", "2")
+				"--iptables-backend", backend, "--sync-interval", interval, "--unsafe-short-sync-interval", "-v", "2")
 			hostileWait(t, time.Now(), "first sync", whole)
 			bumps := 0
 			// trigger makes, with nft, a foreign change (an event) so that
@@ -857,7 +857,7 @@ func TestHostileEnvironment(t *testing.T) {
 		// every sync says why, the daemon keeps running and the rules are
 		// kept in place all the same.
 		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--interface", "apsc0", "--setup-iptables",
-			"--iptables-backend", "nft", "--sync-interval", "50ms", "-v", "2")
+			"--iptables-backend", "nft", "--sync-interval", "50ms", "--unsafe-short-sync-interval", "-v", "2")
 		eventually(t, hostileDeadline, "three failed syncs", func() bool {
 			return strings.Count(d.log(), "Sync failed; retrying") >= 3
 		})
@@ -878,7 +878,7 @@ func TestHostileEnvironment(t *testing.T) {
 		ns := netnstest.New(t)
 		ns.Run(t, "ip", "link", "add", "apsc-a", "type", "veth", "peer", "name", "apsc-b")
 		ns.Run(t, "ip", "link", "set", "apsc-a", "up")
-		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--interface", "apsc-a", "--sync-interval", "20ms", "-v", "2")
+		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--interface", "apsc-a", "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 		hostileWait(t, time.Now(), "the address is added", func() bool { return hasAddr(t, ns, "apsc-a", "10.96.0.2/32") })
 		ns.Run(t, "ip", "link", "set", "apsc-a", "down")
 		const warning = `"Link is down and was not created by this sidecar; leaving it down, its addresses will not be reachable" link="apsc-a"`
@@ -920,7 +920,7 @@ func TestHostileEnvironment(t *testing.T) {
 			dir, pathEnv := hostileShimDir(t)
 			writes := countShimRuns(t, dir, restoreProgs(backend)...)
 			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
-				"--iptables-backend", backend, "--sync-interval", "20ms", "-v", "2")
+				"--iptables-backend", backend, "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 			whole := wholeCheck(t, ns, backend)
 			hostileWait(t, time.Now(), "first sync", whole)
 			// settle waits for 20 syncs and returns the writes they made.

@@ -12,6 +12,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -19,6 +20,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
@@ -58,11 +60,13 @@ type machine struct {
 	detect func(ctx context.Context, f render.Family) (apply.Detection, error)
 }
 
-// run parses and validates args, then either prints the ruleset
-// (--dry-run) or hands over to the sidecar. It returns the exit code.
+// run parses and validates args, then either prints the version
+// (--version) or the ruleset (--dry-run), or hands over to the sidecar. It
+// returns the exit code.
 func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine) int {
 	var flags config.Flags
 	fs := newFlagSet(&flags)
+	showVersion := fs.Bool("version", false, "print the version and the Go release this binary was built with, and exit.")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, pflag.ErrHelp) {
 			fmt.Fprintf(stdout, "Usage of %s:\n%s", name, fs.FlagUsages())
@@ -71,10 +75,17 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer, m machine
 		return usageError(stderr, err)
 	}
 	if fs.NArg() > 0 {
+		if flag, value, ok := boolValueApart(fs, args); ok {
+			return usageError(stderr, fmt.Errorf("unexpected argument %q: --%s takes no separate value: write --%s=%s", value, flag, flag, value))
+		}
 		return usageError(stderr, fmt.Errorf("unexpected argument %q: this command takes flags only", fs.Arg(0)))
 	}
 	if err := refuseNewlines(fs); err != nil {
 		return usageError(stderr, err)
+	}
+	if *showVersion {
+		fmt.Fprintf(stdout, "%s %s %s %s/%s\n", name, version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+		return exitOK
 	}
 	cfg, err := flags.Validate()
 	if err != nil {
@@ -141,6 +152,37 @@ func newFlagSet(flags *config.Flags) *pflag.FlagSet {
 	return fs
 }
 
+// boolValueApart finds a boolean flag followed by a separate argument that
+// reads as a boolean (--daemon false): pflag takes a boolean's value only
+// after "=", so the "false" is left over as an argument. It walks args as
+// pflag does, so that the value of a flag that takes one is not mistaken
+// for a flag.
+func boolValueApart(fs *pflag.FlagSet, args []string) (flag, value string, ok bool) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		var f *pflag.Flag
+		switch {
+		case a == "--":
+			return "", "", false // the rest are arguments
+		case strings.HasPrefix(a, "--") && !strings.Contains(a, "="):
+			f = fs.Lookup(a[2:])
+		case len(a) == 2 && a[0] == '-' && a[1] != '-':
+			f = fs.ShorthandLookup(a[1:])
+		}
+		switch {
+		case f == nil:
+			// An argument, or a flag with its value attached.
+		case f.NoOptDefVal == "":
+			i++ // the next argument is this flag's value
+		case i+1 < len(args):
+			if _, err := strconv.ParseBool(args[i+1]); err == nil {
+				return f.Name, args[i+1], true
+			}
+		}
+	}
+	return "", "", false
+}
+
 // refuseNewlines refuses any flag value with a line break: no value has a
 // use for one, and it could forge lines in logs or in the rules.
 func refuseNewlines(fs *pflag.FlagSet) error {
@@ -163,11 +205,18 @@ func usageError(stderr io.Writer, err error) int {
 // --cleanup only the cleanup (a teardown mode for preStop hooks and node
 // clean-up jobs).
 func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset) error {
-	// Handle SIGTERM and SIGINT from the start: a signal during start-up
+	// Handle the stop signals from the start: a signal during start-up
 	// must not kill the process halfway. One-shot runs finish their work
 	// regardless; the daemon stops its loop.
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	ctx, stop := notifyStop(ctx)
 	defer stop()
+	if !cfg.Daemon {
+		defer func() {
+			if sig := receivedSignal(ctx); sig != "" {
+				klog.InfoS("Signal received; the one-shot run finished its work first", "signal", sig)
+			}
+		}()
+	}
 	defer logResourceUse()
 	address, err := apply.NewAddressManager(cfg.Interface, cfg.Addrs)
 	if err != nil {
@@ -205,7 +254,11 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 		if err := sidecar.Sync(context.WithoutCancel(ctx)); err != nil {
 			return err
 		}
-		klog.InfoS("Address and rules are in place")
+		if cfg.SetupIPTables {
+			klog.InfoS("Address and rules are in place", "addresses", cfg.Addrs)
+		} else {
+			klog.InfoS("Address is in place; rules not managed (no --setup-iptables)", "addresses", cfg.Addrs)
+		}
 		return nil
 	}
 	// The health and metrics listeners run in daemon mode only: a one-shot
@@ -221,12 +274,20 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables}
 	go watchers.Run(ctx, events)
 	sidecar.Run(ctx, cfg.SyncInterval, events)
-	klog.InfoS("Stopping")
+	if sig := receivedSignal(ctx); sig != "" {
+		klog.InfoS("Stopping", "signal", sig)
+	} else {
+		klog.InfoS("Stopping", "reason", context.Cause(ctx))
+	}
 	stopTelemetry(listeners)
 	if cfg.Cleanup {
 		return cleanup(sidecar, cfg.SetupIPTables)
 	}
-	klog.InfoS("Leaving address and rules in place (no --cleanup)")
+	if cfg.SetupIPTables {
+		klog.InfoS("Leaving address and rules in place (no --cleanup)")
+	} else {
+		klog.InfoS("Leaving the address in place (no --cleanup); rules not managed (no --setup-iptables)")
+	}
 	return nil
 }
 
@@ -248,6 +309,59 @@ func retiredRules(rulesets []*render.Ruleset, o apply.Observer, timeout time.Dur
 		out = append(out, r)
 	}
 	return out, nil
+}
+
+// stopSignals stop the sidecar in order: the daemon lets a sync in progress
+// finish, then cleans up with --cleanup; a one-shot run finishes its work.
+// SIGHUP is one of them: a supervisor or a closed terminal that sends it
+// must not end the daemon halfway, unlogged and without its cleanup.
+// SIGQUIT is left to Go, which prints every goroutine's stack and exits 2:
+// that dump is how a hung daemon is debugged.
+var stopSignals = []os.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP}
+
+// signalReceived is the cause of a context that notifyStop ended.
+type signalReceived struct{ sig os.Signal }
+
+func (s signalReceived) Error() string { return signalName(s.sig) + " received" }
+
+// notifyStop returns a context that the first of stopSignals cancels, with
+// a signalReceived cause. Until stop is called, later signals are caught
+// and dropped, so that a second SIGTERM cannot cut a cleanup short.
+func notifyStop(parent context.Context) (ctx context.Context, stop func()) {
+	ctx, cancel := context.WithCancelCause(parent)
+	ch := make(chan os.Signal, 1)
+	signal.Notify(ch, stopSignals...)
+	go func() {
+		select {
+		case sig := <-ch:
+			cancel(signalReceived{sig})
+		case <-ctx.Done():
+		}
+	}()
+	return ctx, func() {
+		signal.Stop(ch)
+		cancel(context.Canceled)
+	}
+}
+
+// receivedSignal names the signal that ended ctx ("SIGHUP"), or returns ""
+// if none did.
+func receivedSignal(ctx context.Context) string {
+	var s signalReceived
+	if errors.As(context.Cause(ctx), &s) {
+		return signalName(s.sig)
+	}
+	return ""
+}
+
+// signalName is the signal's C name, as kill(1) and the README spell it.
+func signalName(sig os.Signal) string {
+	if n, ok := sig.(syscall.Signal); ok {
+		if name := unix.SignalName(n); name != "" {
+			return name
+		}
+	}
+	return sig.String()
 }
 
 // logResourceUse logs, at exit and at -v=2, the CPU time of the process

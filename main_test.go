@@ -4,12 +4,18 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"golang.org/x/sys/unix"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/config"
@@ -65,6 +71,9 @@ func TestBadInputExits2(t *testing.T) {
 		{"interface with control character", []string{"--ip-address", "10.96.0.2", "--interface", "lo\x7f"}, `"lo\x7f" for --interface`},
 		{"zero sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0"}, `"0s" for --sync-interval`},
 		{"negative sync interval", []string{"--ip-address", "10.96.0.2", "--sync-interval", "-5s"}, `"-5s" for --sync-interval`},
+		{"sync interval of a millisecond", []string{"--ip-address", "10.96.0.2", "--sync-interval", "1ms"}, `invalid value "1ms" for --sync-interval: must be at least 1s`},
+		{"sync interval below the floor", []string{"--ip-address", "10.96.0.2", "--sync-interval", "999ms"}, `invalid value "999ms" for --sync-interval: must be at least 1s`},
+		{"zero sync interval, floor lifted", []string{"--ip-address", "10.96.0.2", "--sync-interval", "0", "--unsafe-short-sync-interval"}, `"0s" for --sync-interval`},
 		{"sync interval not a duration", []string{"--ip-address", "10.96.0.2", "--sync-interval", "often"}, `"often" for "--sync-interval"`},
 		{"iptables timeout within the lock wait", []string{"--ip-address", "10.96.0.2", "--iptables-timeout", "2s"}, `"2s" for --iptables-timeout`},
 		{"newline in address", []string{"--ip-address", "10.96.0.2\n-A INPUT -j DROP"}, `--ip-address`},
@@ -98,6 +107,137 @@ func TestBadInputExits2(t *testing.T) {
 	}
 }
 
+// TestBoolFlagValueApart proves the hint for a boolean flag given its value
+// as a separate argument (--daemon false), for every boolean flag of ours
+// and every spelling pflag accepts, and that arguments are not mistaken
+// for it.
+func TestBoolFlagValueApart(t *testing.T) {
+	for _, flag := range []string{"daemon", "cleanup", "setup-iptables", "dry-run"} {
+		for _, value := range []string{"false", "true", "FALSE", "True", "f", "T", "0", "1"} {
+			args := []string{"--ip-address", "10.96.0.2", "--" + flag, value}
+			code, stdout, stderr := runCmd(t, args...)
+			want := fmt.Sprintf(`unexpected argument %q: --%s takes no separate value: write --%s=%s (see --help)`+"\n", value, flag, flag, value)
+			if code != exitUsage || stdout != "" || stderr != name+": "+want {
+				t.Errorf("%q: exit code %d, stdout %q, stderr %q; want %d, nothing and %q", args, code, stdout, stderr, exitUsage, want)
+			}
+		}
+	}
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"value attached, then an argument", []string{"--ip-address", "10.96.0.2", "--daemon=false", "false"}},
+		{"a flag's value that looks like a flag", []string{"--port", "--daemon", "false"}},
+		{"not a boolean", []string{"--ip-address", "10.96.0.2", "--daemon", "no"}},
+		{"after --", []string{"--ip-address", "10.96.0.2", "--", "--daemon", "false"}},
+	} {
+		code, _, stderr := runCmd(t, tc.args...)
+		if code != exitUsage || strings.Contains(stderr, "takes no separate value") || !strings.Contains(stderr, "unexpected argument") {
+			t.Errorf("%s: %q: exit code %d, stderr %q; want %d and no hint", tc.name, tc.args, code, stderr, exitUsage)
+		}
+	}
+	// A shorthand that takes a value (-v 2) is skipped with it.
+	code, _, stderr := runCmd(t, "-v", "2", "--ip-address", "10.96.0.2", "--dry-run", "false")
+	if code != exitUsage || !strings.Contains(stderr, "--dry-run takes no separate value: write --dry-run=false") {
+		t.Errorf("after -v 2: exit code %d, stderr %q; want the hint for --dry-run", code, stderr)
+	}
+}
+
+// TestShortSyncIntervalNeedsUnsafeFlag proves that an interval below the
+// floor is accepted only with the hidden flag that names itself unsafe.
+func TestShortSyncIntervalNeedsUnsafeFlag(t *testing.T) {
+	args := []string{"--dry-run", "--iptables-backend", "nft", "--ip-address", "10.96.0.2", "--sync-interval", "20ms"}
+	if code, _, _ := runCmd(t, args...); code != exitUsage {
+		t.Errorf("%q: exit code %d, want %d", args, code, exitUsage)
+	}
+	args = append(args, "--unsafe-short-sync-interval")
+	if code, _, stderr := runCmd(t, args...); code != exitOK || stderr != "" {
+		t.Errorf("%q: exit code %d, stderr %q; want 0 and nothing", args, code, stderr)
+	}
+	if _, stdout, _ := runCmd(t, "--help"); strings.Contains(stdout, "unsafe") {
+		t.Errorf("--help shows the unsafe flag:\n%s", stdout)
+	}
+}
+
+// TestStopSignals sends this process each stop signal: the context ends,
+// naming the signal, and the process lives on.
+func TestStopSignals(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP} {
+		t.Run(unix.SignalName(sig), func(t *testing.T) {
+			ctx, stop := notifyStop(context.Background())
+			defer stop()
+			if got := receivedSignal(ctx); got != "" {
+				t.Fatalf("before any signal: %q", got)
+			}
+			if err := syscall.Kill(os.Getpid(), sig); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(10 * time.Second):
+				t.Fatalf("%v did not end the context within 10s", sig)
+			}
+			if got, want := receivedSignal(ctx), unix.SignalName(sig); got != want {
+				t.Errorf("receivedSignal = %q, want %q", got, want)
+			}
+		})
+	}
+}
+
+// TestStopWithoutSignal proves that a context ended otherwise names no
+// signal.
+func TestStopWithoutSignal(t *testing.T) {
+	parent, cancel := context.WithCancel(context.Background())
+	ctx, stop := notifyStop(parent)
+	defer stop()
+	cancel()
+	<-ctx.Done()
+	if got := receivedSignal(ctx); got != "" {
+		t.Errorf("receivedSignal = %q after the parent was cancelled, want none", got)
+	}
+}
+
+// TestVersion proves that --version prints the version and the Go release,
+// with or without other flags, and starts nothing.
+func TestVersion(t *testing.T) {
+	want := fmt.Sprintf("%s %s %s %s/%s\n", name, version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	for _, args := range [][]string{{"--version"}, {"--version", "--ip-address", "10.96.0.2", "--setup-iptables"}, {"--version=true"}} {
+		code, stdout, stderr := runCmd(t, args...)
+		if code != exitOK || stdout != want || stderr != "" {
+			t.Errorf("%q: exit code %d, stdout %q, stderr %q; want 0, %q and nothing", args, code, stdout, stderr, want)
+		}
+	}
+	if code, _, _ := runCmd(t, "--version", "extra"); code != exitUsage {
+		t.Errorf("--version with a stray argument: exit code %d, want %d", code, exitUsage)
+	}
+}
+
+// TestVersionStampedByMakeBuild builds the binary as `make build` does and
+// checks that --version reports the version the build was given: the
+// variable the Makefile and the Dockerfile stamp (-X main.version) exists.
+func TestVersionStampedByMakeBuild(t *testing.T) {
+	if _, err := exec.LookPath("make"); err != nil {
+		t.Skip("make is not installed")
+	}
+	for _, file := range []string{"Makefile", "Dockerfile"} {
+		if !strings.Contains(readFile(t, file), "-X main.version=") {
+			t.Errorf("%s does not stamp main.version", file)
+		}
+	}
+	bin := filepath.Join(t.TempDir(), name)
+	build := exec.Command("make", "--no-print-directory", "build", "BINARY="+bin, "VERSION=v0.0.0-stamp-test")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("make build: %v\n%s", err, out)
+	}
+	out, err := exec.Command(bin, "--version").Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(string(out), name+" v0.0.0-stamp-test go") {
+		t.Errorf("--version printed %q, want the stamped version", out)
+	}
+}
+
 func TestHelpListsSeedFlags(t *testing.T) {
 	code, stdout, stderr := runCmd(t, "--help")
 	if code != exitOK || stderr != "" {
@@ -127,6 +267,7 @@ func TestHelpListsSeedFlags(t *testing.T) {
 		"--dry-run ",
 		"--health-probe-bind-address string ",
 		"--metrics-bind-address string ",
+		"--version ",
 	} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("--help does not show %q", want)

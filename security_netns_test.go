@@ -264,7 +264,7 @@ func TestNeverRunsAShell(t *testing.T) {
 			if !whole() {
 				t.Fatalf("the one-shot run left %q", ourState(t, ns, backend))
 			}
-			d := startDaemonEnv(t, ns, env, bin, append(args, "--sync-interval", "200ms")...)
+			d := startDaemonEnv(t, ns, env, bin, append(args, "--sync-interval", "200ms", "--unsafe-short-sync-interval")...)
 			ipt := "iptables-" + backend
 			for _, drift := range [][]string{
 				{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},

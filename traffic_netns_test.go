@@ -152,7 +152,9 @@ func testTraffic(t *testing.T, bin, backend, flag string, fam trafficFamily) {
 
 	// The address alone: the proxy can listen, but its SYN is dropped. The
 	// control shows that the veth, the routes and neighbour discovery work.
-	sidecar()
+	if log := sidecar(); !strings.Contains(log, `"Address is in place; rules not managed (no --setup-iptables)"`) {
+		t.Errorf("without --setup-iptables the one-shot run does not say that it left the rules alone:\n%s", log)
+	}
 	listenEcho(t, node, proxy)
 	listenEcho(t, node, control)
 	mustEcho(t, client, control, "control before the rules")
@@ -163,6 +165,9 @@ func testTraffic(t *testing.T, bin, backend, flag string, fam trafficFamily) {
 	// gets through (the ACCEPT takes the SYN, or the reply is picked up
 	// mid-stream), but an entry is listed.
 	log := sidecar("--setup-iptables")
+	if !strings.Contains(log, `"Address and rules are in place"`) {
+		t.Errorf("the one-shot run with --setup-iptables does not say that the address and rules are in place:\n%s", log)
+	}
 	if flag == "auto" {
 		want := fmt.Sprintf(`"Chose iptables backend" family="%s" backend="%s" evidence="chain KUBE-IPTABLES-HINT in mangle, seen with %s-%s-save"`, fam.name, backend, fam.iptables, backend)
 		if !strings.Contains(log, want) {

@@ -37,6 +37,10 @@ type Flags struct {
 	// or "0" for off.
 	HealthProbeBindAddress string
 	MetricsBindAddress     string
+
+	// UnsafeShortSyncInterval lifts the MinSyncInterval floor, for tests
+	// that run the daemon at intervals of milliseconds.
+	UnsafeShortSyncInterval bool
 }
 
 // AddFlags registers the sidecar's own flags on fs with their defaults.
@@ -47,7 +51,9 @@ func (f *Flags) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&f.IPAddress, "ip-address", "", "ip-address on which the proxy is listening: one address, or up to 8 separated by commas (IPv4 and IPv6 in any mix), such as the proxy's own address followed by the ClusterIP of the kubernetes Service to intercept.")
 	fs.StringVar(&f.Port, "port", "443", "[optional] port on which the proxy is listening.")
 	fs.StringVar(&f.Interface, "interface", "lo", "[optional] name of the interface to add address to.")
-	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules.")
+	fs.DurationVar(&f.SyncInterval, "sync-interval", time.Minute, "[optional] interval to check for iptables rules; at least 1s.")
+	fs.BoolVar(&f.UnsafeShortSyncInterval, unsafeShortSyncIntervalFlag, false, "[unsafe: for tests] accept a --sync-interval below 1s.")
+	_ = fs.MarkHidden(unsafeShortSyncIntervalFlag) // the flag exists: MarkHidden cannot fail
 	fs.BoolVar(&f.SetupIPTables, "setup-iptables", false, "[optional] indicates whether iptables rules should be setup.")
 	fs.StringVar(&f.Backend, "iptables-backend", "auto", "[optional] iptables backend the rules are written with: auto (detect the one the node's kube-proxy and kubelet use), nft or legacy.")
 	fs.DurationVar(&f.IPTablesTimeout, "iptables-timeout", 30*time.Second, "[optional] how long one iptables program may run before it is killed and the sync retried; more than the 5s a write waits for the xtables lock.")
@@ -82,6 +88,18 @@ type Config struct {
 	MetricsBindAddress string
 }
 
+// MinSyncInterval is the shortest --sync-interval. Below it the interval is
+// most likely a typo (1ms for 1m), and costly: at 1ms the daemon takes a
+// fifth of a core with nft and a whole core with legacy (two
+// iptables-legacy-save per sync), and logs 130 KB a second at -v 2. At the
+// floor even a legacy sync of 50,000 filter rules (220 ms of CPU) costs at
+// most a fifth of a core. See README.md, Validation.
+const MinSyncInterval = time.Second
+
+// unsafeShortSyncIntervalFlag lifts the MinSyncInterval floor. It is hidden
+// from --help: only tests need it.
+const unsafeShortSyncIntervalFlag = "unsafe-short-sync-interval"
+
 // MinIPTablesTimeout is the shortest --iptables-timeout: a write waits up
 // to 5s for the xtables lock (iptables-restore --wait=5), and a bound at or
 // below that would kill it while it waits.
@@ -112,8 +130,11 @@ func (f Flags) Validate() (Config, error) {
 	if err := CheckInterfaceName(f.Interface); err != nil {
 		return Config{}, flagError("interface", f.Interface, err)
 	}
-	if f.SyncInterval <= 0 {
+	switch {
+	case f.SyncInterval <= 0:
 		return Config{}, flagError("sync-interval", f.SyncInterval.String(), errors.New("must be positive"))
+	case f.SyncInterval < MinSyncInterval && !f.UnsafeShortSyncInterval:
+		return Config{}, flagError("sync-interval", f.SyncInterval.String(), fmt.Errorf("must be at least %s (a minute is 1m)", MinSyncInterval))
 	}
 	switch f.Backend {
 	case "auto", "nft", "legacy":

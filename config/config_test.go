@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/spf13/pflag"
 )
 
 func valid() Flags {
@@ -33,6 +34,8 @@ func TestValidateAccepts(t *testing.T) {
 		{"port 65535", func(f *Flags) { f.Port = "65535" }, []string{"10.96.0.2"}, 65535},
 		{"legacy backend", func(f *Flags) { f.Backend = "legacy" }, []string{"10.96.0.2"}, 443},
 		{"15-byte interface", func(f *Flags) { f.Interface = "apiserver-proxy" }, []string{"10.96.0.2"}, 443},
+		{"sync interval at the floor", func(f *Flags) { f.SyncInterval = MinSyncInterval }, []string{"10.96.0.2"}, 443},
+		{"sync interval below the floor, lifted", func(f *Flags) { f.SyncInterval, f.UnsafeShortSyncInterval = 10*time.Millisecond, true }, []string{"10.96.0.2"}, 443},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			f := valid()
@@ -131,6 +134,10 @@ func TestValidateRefuses(t *testing.T) {
 		{"iptables timeout within the lock wait", "iptables-timeout", "5s", func(f *Flags) { f.IPTablesTimeout = 5 * time.Second }},
 		{"zero iptables timeout", "iptables-timeout", "0s", func(f *Flags) { f.IPTablesTimeout = 0 }},
 		{"negative sync interval", "sync-interval", "-1s", func(f *Flags) { f.SyncInterval = -time.Second }},
+		{"sync interval of a millisecond", "sync-interval", "1ms", func(f *Flags) { f.SyncInterval = time.Millisecond }},
+		{"sync interval just below the floor", "sync-interval", "999ms", func(f *Flags) { f.SyncInterval = MinSyncInterval - time.Millisecond }},
+		{"zero sync interval, floor lifted", "sync-interval", "0s", func(f *Flags) { f.SyncInterval, f.UnsafeShortSyncInterval = 0, true }},
+		{"negative sync interval, floor lifted", "sync-interval", "-10ms", func(f *Flags) { f.SyncInterval, f.UnsafeShortSyncInterval = -10*time.Millisecond, true }},
 		{"health address without port", "health-probe-bind-address", "127.0.0.1", func(f *Flags) { f.HealthProbeBindAddress = "127.0.0.1" }},
 		{"health port alone", "health-probe-bind-address", "16911", func(f *Flags) { f.HealthProbeBindAddress = "16911" }},
 		{"health port 0", "health-probe-bind-address", "127.0.0.1:0", func(f *Flags) { f.HealthProbeBindAddress = "127.0.0.1:0" }},
@@ -167,5 +174,28 @@ func TestValidateRefuses(t *testing.T) {
 				t.Errorf("message %q must name --%s and fit on one line", msg, tc.flag)
 			}
 		})
+	}
+}
+
+// TestSyncIntervalFloor proves the floor's message: it names the flag, the
+// value and the floor, and the hidden flag that lifts it is not in --help.
+func TestSyncIntervalFloor(t *testing.T) {
+	f := valid()
+	f.SyncInterval = time.Millisecond
+	_, err := f.Validate()
+	if want := `invalid value "1ms" for --sync-interval: must be at least 1s (a minute is 1m)`; err == nil || err.Error() != want {
+		t.Errorf("error %v, want %s", err, want)
+	}
+	fs := pflag.NewFlagSet("test", pflag.ContinueOnError)
+	var parsed Flags
+	parsed.AddFlags(fs)
+	if usage := fs.FlagUsages(); strings.Contains(usage, unsafeShortSyncIntervalFlag) || !strings.Contains(usage, "at least 1s") {
+		t.Errorf("--help must state the floor and hide --%s:\n%s", unsafeShortSyncIntervalFlag, usage)
+	}
+	if err := fs.Parse([]string{"--sync-interval", "20ms", "--" + unsafeShortSyncIntervalFlag}); err != nil {
+		t.Fatal(err)
+	}
+	if !parsed.UnsafeShortSyncInterval || parsed.SyncInterval != 20*time.Millisecond {
+		t.Errorf("parsed %+v, want a 20ms interval with the floor lifted", parsed)
 	}
 }

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The sidecar for real, in a throwaway network namespace: one-shot, then as a
 # daemon that repairs what is removed under it, with a TCP round trip to the
-# address through its rules. Needs root (`sudo make demo`). Everything happens
-# inside the namespace, which is deleted on any exit; the host's own network
-# is never touched.
+# address through its rules. Needs root (`make demo` as root, or
+# `sudo make demo`). Everything happens inside the namespace, which is
+# deleted on any exit; the host's own network is never touched.
 #
 # Environment: ADDRESS (10.96.0.2), PORT (443), BACKEND (nft or legacy; nft),
 # GO (go).
@@ -22,7 +22,7 @@ die() {
 	exit 1
 }
 
-[[ $(id -u) -eq 0 ]] || die "needs root to create a network namespace: sudo make demo
+[[ $(id -u) -eq 0 ]] || die "needs root to create a network namespace: run make demo as root, or sudo make demo
   (without root, print the rules instead: go run . --dry-run --ip-address $ADDRESS)"
 [[ $ADDRESS != *:* ]] || die "this demo shows an IPv4 address; the sidecar itself also takes IPv6"
 case $BACKEND in nft | legacy) ;; *) die "BACKEND must be nft or legacy, not \"$BACKEND\"" ;; esac

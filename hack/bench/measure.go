@@ -478,7 +478,7 @@ func (d *daemon) terminate() error {
 // daemonSteady runs ours as a daemon syncing every 100 ms and measures
 // Syncs syncs once it has converged; then reads its idle RSS.
 func (b *bench) daemonSteady(ctx context.Context, ns *namespace, backend string) (steady, uint64, error) {
-	d, err := b.startDaemon(ctx, ns, b.ourArgs(backend, "--sync-interval", "100ms", "-v", "2"))
+	d, err := b.startDaemon(ctx, ns, b.ourArgs(backend, "--sync-interval", "100ms", "--unsafe-short-sync-interval", "-v", "2"))
 	if err != nil {
 		return steady{}, 0, err
 	}
