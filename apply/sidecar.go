@@ -50,10 +50,13 @@ func (s *Sidecar) CheckDNAT(c dnatChecker) { s.dnat = c }
 
 // checkDNAT runs the check CheckDNAT set, if any.
 func (s *Sidecar) checkDNAT(ctx context.Context) {
-	if s.dnat == nil {
-		return
+	if s.dnat == nil || ctx.Err() != nil {
+		return // not asked for, or stopping
 	}
 	findings, err := s.dnat.Check(ctx)
+	if ctx.Err() != nil {
+		return // cut short by the signal that stops the daemon
+	}
 	if u := s.dnat.Unfiltered(); u != nil && !s.dnatUnfilteredLogged {
 		klog.InfoS("Reading the conntrack table in process", "reason", u.Error())
 		s.dnatUnfilteredLogged = true
