@@ -54,13 +54,13 @@ const (
 	RepairLinkDeleted RepairKind = "link deleted"
 )
 
-// Object returns the kind of object the repair changed, "link" or
-// "address", for use as a metric label.
-func (k RepairKind) Object() string {
+// Object returns the kind of object the repair changed: ObjectLink or
+// ObjectAddress.
+func (k RepairKind) Object() Object {
 	if k == RepairLinkCreated || k == RepairLinkUp || k == RepairLinkDeleted {
-		return "link"
+		return ObjectLink
 	}
-	return "address"
+	return ObjectAddress
 }
 
 // Repair is one change Ensure made to converge.
@@ -75,7 +75,7 @@ type Repair struct {
 
 // String returns, for example, "address added 10.96.0.2/32 on lo".
 func (r Repair) String() string {
-	if r.Kind.Object() == "link" {
+	if r.Kind.Object() == ObjectLink {
 		return fmt.Sprintf("%s %s", r.Kind, r.Link)
 	}
 	return fmt.Sprintf("%s %s on %s", r.Kind, r.Prefix, r.Link)

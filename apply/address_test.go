@@ -727,11 +727,14 @@ func TestAddressClosedRefusesWork(t *testing.T) {
 }
 
 func TestRepairObjectLabelsLinkAndAddress(t *testing.T) {
-	for kind, want := range map[RepairKind]string{
-		RepairLinkCreated:    "link",
-		RepairLinkUp:         "link",
-		RepairAddressAdded:   "address",
-		RepairAddressRemoved: "address",
+	for kind, want := range map[RepairKind]Object{
+		RepairLinkCreated:    ObjectLink,
+		RepairLinkUp:         ObjectLink,
+		RepairLinkDeleted:    ObjectLink,
+		RepairAddressAdded:   ObjectAddress,
+		RepairAddressRemoved: ObjectAddress,
+		RepairAddressMarked:  ObjectAddress,
+		RepairStaleRemoved:   ObjectAddress,
 	} {
 		if got := kind.Object(); got != want {
 			t.Errorf("%q.Object() = %q, want %q", kind, got, want)

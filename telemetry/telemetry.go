@@ -39,22 +39,11 @@ const Namespace = "apiserver_proxy_sidecar"
 // sync intervals: room for a sync's bounded iptables calls.
 const LivenessSlack = time.Minute
 
-// The label values set up front, so that every series exists (at 0) from
-// the start: a rate or an alert needs no special case for "never happened".
-var (
-	syncResults = []string{"success", "failure"}
-	// repairedObjects are the objects apply.Observer.Repaired names.
-	repairedObjects = []string{"address", "link", "chain", "jump"}
-	// triggers are the values of apply.Trigger.
-	triggers = []string{
-		string(apply.TriggerInterval),
-		string(apply.TriggerAddress),
-		string(apply.TriggerLink),
-		string(apply.TriggerNFTables),
-		string(apply.TriggerStartup),
-	}
-	skipReasons = []string{"generation_unchanged"}
-)
+// syncResults are the values of syncs_total's result label, set up front
+// with the apply package's lists of objects, triggers and skip reasons, so
+// that every series exists (at 0) from the start: a rate or an alert needs
+// no special case for "never happened".
+var syncResults = []string{"success", "failure"}
 
 // Options configure a Telemetry.
 type Options struct {
@@ -178,7 +167,7 @@ func New(o Options) *Telemetry {
 	for _, vs := range []struct {
 		vec    *prometheus.CounterVec
 		values []string
-	}{{t.syncs, syncResults}, {t.repairs, repairedObjects}, {t.verifications, triggers}, {t.verificationsSkip, skipReasons}} {
+	}{{t.syncs, syncResults}, {t.repairs, labels(apply.Objects)}, {t.verifications, labels(apply.Triggers)}, {t.verificationsSkip, labels(apply.SkipReasons)}} {
 		for _, v := range vs.values {
 			vs.vec.WithLabelValues(v)
 		}
@@ -206,8 +195,17 @@ func (t *Telemetry) SyncFinished(r apply.SyncResult) {
 	t.lastSync, t.latest = now, r
 }
 
+// labels turns the apply package's typed values into label values.
+func labels[T ~string](values []T) []string {
+	out := make([]string, len(values))
+	for i, v := range values {
+		out[i] = string(v)
+	}
+	return out
+}
+
 // Repaired implements apply.Observer.
-func (t *Telemetry) Repaired(object string) { t.repairs.WithLabelValues(object).Inc() }
+func (t *Telemetry) Repaired(o apply.Object) { t.repairs.WithLabelValues(string(o)).Inc() }
 
 // RestoreRan implements apply.Observer.
 func (t *Telemetry) RestoreRan(f render.Family, err error) {
@@ -239,15 +237,17 @@ func (t *Telemetry) BackendChosen(f render.Family, b apply.Backend) {
 	t.backendInfo.WithLabelValues(family, string(b)).Set(1)
 }
 
-// Verification counts a sync that starts, by trigger: one of the
-// apply.Trigger values. It implements apply.Observer.
-func (t *Telemetry) Verification(trigger string) { t.verifications.WithLabelValues(trigger).Inc() }
+// Verification counts a sync that starts, by trigger. It implements
+// apply.Observer.
+func (t *Telemetry) Verification(trigger apply.Trigger) {
+	t.verifications.WithLabelValues(string(trigger)).Inc()
+}
 
 // VerificationSkipped counts a family's rules not read because nothing can
 // have changed; reason is "generation_unchanged". It implements
 // apply.Observer.
-func (t *Telemetry) VerificationSkipped(reason string) {
-	t.verificationsSkip.WithLabelValues(reason).Inc()
+func (t *Telemetry) VerificationSkipped(reason apply.SkipReason) {
+	t.verificationsSkip.WithLabelValues(string(reason)).Inc()
 }
 
 // UntrackedDNAT implements apply.Observer.
