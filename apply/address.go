@@ -22,6 +22,7 @@ type netlinkHandle interface {
 	LinkAdd(link netlink.Link) error
 	LinkDel(link netlink.Link) error
 	LinkSetUp(link netlink.Link) error
+	LinkSetAlias(link netlink.Link, alias string) error
 	// AddrList lists addresses with their protocol; link nil: all links.
 	AddrList(link netlink.Link, family int) ([]ifAddr, error)
 	// AddrAdd adds, or replaces, an address with the protocol proto.
@@ -260,13 +261,19 @@ func (a *Address) Ensure() (Repairs, error) {
 func (a *Address) ensureLink(repairs *Repairs) (netlink.Link, error) {
 	link, err := a.h.LinkByName(a.iface)
 	if isLinkNotFound(err) {
-		attrs := netlink.LinkAttrs{Name: a.iface, Alias: LinkAlias}
-		if err := a.h.LinkAdd(&netlink.Dummy{LinkAttrs: attrs}); err != nil {
+		if err := a.h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: a.iface}}); err != nil {
 			return nil, a.explain(fmt.Errorf("creating dummy link %s: %w", a.iface, err), netip.Prefix{})
 		}
 		a.created = true
 		*repairs = append(*repairs, Repair{Kind: RepairLinkCreated, Link: a.iface})
 		link, err = a.h.LinkByName(a.iface)
+		if err == nil {
+			// The alias tells a later run, and a teardown, that the link
+			// is ours (RTM_NEWLINK does not take one).
+			if err := a.h.LinkSetAlias(link, LinkAlias); err != nil {
+				return nil, a.explain(fmt.Errorf("marking dummy link %s as ours (alias %s): %w", a.iface, LinkAlias, err), netip.Prefix{})
+			}
+		}
 	}
 	if err != nil {
 		return nil, a.explain(fmt.Errorf("getting link %s: %w", a.iface, err), netip.Prefix{})
