@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -100,34 +101,80 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 	}
 }
 
-// TestLegacyRepairsAtTheInterval: the legacy backend sends no events, so
-// its rules are repaired by the next periodic sync.
-func TestLegacyRepairsAtTheInterval(t *testing.T) {
+// TestLegacyRepairsOnChange runs the daemon on the legacy backend with an
+// hour between syncs, on a node whose INPUT policy is DROP: legacy
+// iptables sends no events, so every repair below comes from polling the
+// tables' info.
+func TestLegacyRepairsOnChange(t *testing.T) {
 	netnstest.Require(t)
 	netnstest.RequireBinaries(t, "iptables-legacy")
 	bin := buildSidecar(t)
 	ns := netnstest.New(t)
-	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "200ms", "--unsafe-short-sync-interval", "-v", "2")
+	ns.Run(t, "iptables-legacy", "-t", "filter", "-P", "INPUT", "DROP")
+	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "1h", "-v", "2")
 	chainWhole := func() bool {
 		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "APISERVER-PROXY-INPUT")
 		return err == nil && strings.Contains(out, "-j ACCEPT")
 	}
-	pollUntil(t, time.Now(), "first sync", chainWhole)
-	// Past the verifications that follow the first write and each event
-	// subscription, only interval syncs remain.
-	eventually(t, 10*time.Second, "an interval sync", func() bool { return strings.Contains(d.log(), `trigger="interval"`) })
-	logged := len(d.log())
-	ns.Run(t, "iptables-legacy", "-t", "filter", "-F", "APISERVER-PROXY-INPUT")
-	took := pollUntil(t, time.Now(), "legacy chain flushed", chainWhole)
-	t.Logf("legacy chain flushed: repaired after %v with a 200ms interval", took.Round(time.Millisecond))
-	for _, line := range strings.Split(d.log()[logged:], "\n") {
-		if strings.Contains(line, "Sync finished") && !strings.Contains(line, "repairs=0") {
-			if !strings.Contains(line, `trigger="interval"`) {
-				t.Errorf("repaired by %s, want an interval sync", line)
+	jumpThere := func() bool {
+		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "INPUT")
+		return err == nil && strings.Count(out, "-A INPUT -j APISERVER-PROXY-INPUT") == 1
+	}
+	whole := func() bool { return chainWhole() && jumpThere() }
+	pollUntil(t, time.Now(), "first sync", whole)
+	settle(t, d)
+
+	for _, tc := range []struct {
+		name string
+		args []string
+	}{
+		{"our chain flushed", []string{"-t", "filter", "-F", "APISERVER-PROXY-INPUT"}},
+		{"jump deleted", []string{"-t", "filter", "-D", "INPUT", "-j", "APISERVER-PROXY-INPUT"}},
+		{"filter table flushed", []string{"-t", "filter", "-F"}},
+	} {
+		var took []time.Duration
+		for i := range 5 {
+			logged := len(d.log())
+			ns.Run(t, "iptables-legacy", append([]string{"-w"}, tc.args...)...)
+			start := time.Now()
+			took = append(took, pollUntil(t, start, tc.name, whole))
+			t.Logf("%s: repaired after %v (run %d)", tc.name, took[i].Round(100*time.Microsecond), i+1)
+			repaired := ""
+			eventually(t, 5*time.Second, "the repairing sync's log line", func() bool {
+				for line := range strings.SplitSeq(d.log()[logged:], "\n") {
+					if strings.Contains(line, "Sync finished") && !strings.Contains(line, "repairs=0") {
+						repaired = line
+						return true
+					}
+				}
+				return false
+			})
+			if !strings.Contains(repaired, `trigger="legacy_change"`) {
+				t.Errorf("%s: repaired by %s, want a sync on legacy_change", tc.name, repaired)
 			}
-			break
+			settle(t, d)
+		}
+		slices.Sort(took)
+		if median := took[len(took)/2]; median > 250*time.Millisecond {
+			t.Errorf("%s: median repair %v, want at most 250ms (all: %v)", tc.name, median, took)
 		}
 	}
+	if n := strings.Count(d.log(), `trigger="interval"`); n != 0 {
+		t.Errorf("%d interval syncs with an hour's interval", n)
+	}
+}
+
+// settle waits until the daemon has logged no sync for 300 ms: past the
+// verification its own write causes.
+func settle(t *testing.T, d *daemon) {
+	t.Helper()
+	last, lastChange := -1, time.Now()
+	eventually(t, 10*time.Second, "syncs settle", func() bool {
+		if n := strings.Count(d.log(), "Sync finished"); n != last {
+			last, lastChange = n, time.Now()
+		}
+		return time.Since(lastChange) > 300*time.Millisecond
+	})
 }
 
 // TestEventBurstCostsFewVerifications loads 5,000 foreign rules in 5
@@ -192,11 +239,19 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 }
 
 // TestSteadyStateSpawnsNothing counts, through a PATH shim, the iptables
-// programs the daemon runs over 50 short intervals on a converged node.
+// programs the daemon runs over 50 short intervals on a converged node:
+// with nft the unchanged generation, with legacy the unchanged tables'
+// info and the in-process read stand in for every program.
 func TestSteadyStateSpawnsNothing(t *testing.T) {
 	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore")
+	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore")
 	bin := buildSidecar(t)
+	for _, backend := range []string{"nft", "legacy"} {
+		t.Run(backend, func(t *testing.T) { steadyStateSpawnsNothing(t, bin, backend) })
+	}
+}
+
+func steadyStateSpawnsNothing(t *testing.T, bin, backend string) {
 	ns := netnstest.New(t)
 	shims, logFile := t.TempDir(), filepath.Join(t.TempDir(), "ran")
 	for _, prog := range []string{"iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
@@ -220,7 +275,7 @@ func TestSteadyStateSpawnsNothing(t *testing.T) {
 		return strings.Count(string(b), "\n")
 	}
 	d := startDaemonEnv(t, ns, []string{"PATH=" + shims + ":" + os.Getenv("PATH")}, bin,
-		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
+		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 	// Converged: the sync after the first write has read and recorded the
 	// generation; from then on nothing needs to run.
 	eventually(t, 10*time.Second, "converged", func() bool {

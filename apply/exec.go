@@ -132,6 +132,9 @@ type runner struct {
 	// nft reads the nft backend's chains in-process; nil means with
 	// iptables-nft -S only.
 	nft nftReader
+	// legacy reads the legacy backend's tables in-process; nil means with
+	// iptables-legacy-save only.
+	legacy legacyReader
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most

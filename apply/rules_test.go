@@ -78,6 +78,7 @@ func newRules(t *testing.T, b Backend, rs *render.Ruleset, proc map[string]strin
 	r.run.readFile = fakeProc(proc)
 	r.generation = nil // tests of the generation set their own
 	r.run.nft = nil    // the fake runs programs; nftables_netns_test.go reads the kernel
+	r.run.legacy = nil // likewise; internal/xtables reads the kernel
 	return r, stats
 }
 

@@ -89,13 +89,16 @@ type Socket struct {
 	family Family
 	fd     int
 	names  *os.File
+	// current is set for a socket of the process's own namespace, whose
+	// /proc/net any thread reads.
+	current bool
 }
 
 // Open opens a raw socket (which needs CAP_NET_RAW; reading needs
 // CAP_NET_ADMIN) for family f in network namespace ns (netns.None(): the
 // current one). The socket stays in that namespace.
 func Open(ns netns.NsHandle, f Family) (*Socket, error) {
-	s := &Socket{family: f, fd: -1}
+	s := &Socket{family: f, fd: -1, current: !ns.IsOpen()}
 	err := inNamespace(ns, func() error {
 		domain := unix.AF_INET
 		names := "ip_tables_names"
@@ -176,23 +179,28 @@ func (s *Socket) reopenNames() error {
 	if s.family == IPv6 {
 		name = "ip6_tables_names"
 	}
+	if s.current {
+		return s.openNames("/proc/net/" + name)
+	}
 	nsFD, err := unix.IoctlRetInt(s.fd, unix.SIOCGSKNS)
 	if err != nil {
 		return fmt.Errorf("finding the namespace of the %s socket: %w", s.family, err)
 	}
 	ns := netns.NsHandle(nsFD)
 	defer ns.Close()
-	return inNamespace(ns, func() error {
-		file, err := os.Open("/proc/thread-self/net/" + name)
-		if errors.Is(err, os.ErrNotExist) {
-			return nil
-		}
-		if err != nil {
-			return fmt.Errorf("opening the list of %s tables: %w", s.family, err)
-		}
-		s.names = file
+	return inNamespace(ns, func() error { return s.openNames("/proc/thread-self/net/" + name) })
+}
+
+func (s *Socket) openNames(path string) error {
+	file, err := os.Open(path)
+	if errors.Is(err, os.ErrNotExist) {
 		return nil
-	})
+	}
+	if err != nil {
+		return fmt.Errorf("opening the list of %s tables: %w", s.family, err)
+	}
+	s.names = file
+	return nil
 }
 
 // Info returns what the kernel tells of table without handing it over: a
