@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+	"k8s.io/klog/v2"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
@@ -93,6 +94,15 @@ func (x *xtablesReader) info(f render.Family, table string) (xtables.TableInfo, 
 // repair itself.
 const legacyPollEvery = 100 * time.Millisecond
 
+// After a change, the tables are polled every legacyPollFast until
+// legacyFastFor passes without one: a change and its undoing (our repair
+// and another writer restoring what it had read before it) can fall
+// within one legacyPollEvery and leave the info as it was, unseen.
+const (
+	legacyPollFast = 10 * time.Millisecond
+	legacyFastFor  = time.Second
+)
+
 // watchLegacy sends TriggerLegacyChange whenever the info of a legacy
 // table we use changes: the legacy backend has no change events, but
 // every rule added, deleted or resized, and every flush, changes a
@@ -140,6 +150,7 @@ func (w Watchers) watchLegacy(ctx context.Context, send func(Trigger)) error {
 				return false, fmt.Errorf("polling the legacy %s table %s: %w", p.s.Family(), p.table, err)
 			}
 			if in != last[i] {
+				klog.V(4).InfoS("Legacy table changed", "family", p.s.Family(), "table", p.table, "entries", in.NumEntries, "size", in.Size)
 				last[i], changed = in, true
 			}
 		}
@@ -149,20 +160,26 @@ func (w Watchers) watchLegacy(ctx context.Context, send func(Trigger)) error {
 		return err
 	}
 	send(TriggerLegacyChange)
-	tick := time.NewTicker(legacyPollEvery)
-	defer tick.Stop()
+	period := legacyPollEvery
+	var lastChange time.Time
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-tick.C:
+		case <-time.After(period):
 		}
 		changed, err := poll()
 		if err != nil {
 			return err
 		}
+		now := time.Now()
 		if changed {
 			send(TriggerLegacyChange)
+			lastChange = now
+		}
+		period = legacyPollEvery
+		if now.Sub(lastChange) < legacyFastFor {
+			period = legacyPollFast
 		}
 	}
 }

@@ -617,13 +617,16 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 		return out, err
 	}
 	iptables := "iptables-" + backend
+	lastCheck := "" // what the last check of the chain saw, for an error
 	check := map[string]func() (bool, error){
 		"address": func() (bool, error) { return b.hasAddress(ns) },
 		"chain": func() (bool, error) {
 			out, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-S", ourChain)
 			if err != nil {
+				lastCheck = err.Error()
 				return false, nil // being rewritten
 			}
+			lastCheck = out
 			want := fmt.Sprintf("-N %s\n-A %s -d %s/32 -p tcp -m tcp --dport %d -j ACCEPT\n", ourChain, ourChain, benchIP, benchPort)
 			return out == want, nil
 		},
@@ -674,7 +677,8 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 			}
 			start := time.Now()
 			if err := b.pollWhole(ctx, timed, 20*time.Second); err != nil {
-				return out, fmt.Errorf("%s not repaired: %w; log ends: %s", kind, err, d.lastLog())
+				saved, _ := b.h.run(ctx, ns, "", iptables+"-save", "-t", "filter")
+				return out, fmt.Errorf("%s not repaired: %w; the last check of the chain saw %q; the table: %q; log ends: %s", kind, err, lastCheck, saved, d.lastLog())
 			}
 			lat = append(lat, float64(time.Since(start)))
 		}
