@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -24,7 +25,7 @@ type Detection struct {
 // DetectBackend runs Detect with the programs ex runs and this host's
 // /proc. It only reads.
 func DetectBackend(ctx context.Context, ex utilexec.Interface, f render.Family) (Detection, error) {
-	return runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}}.Detect(ctx, f)
+	return runner{exec: ex, timeout: defaultTimeout, nft: nftables{conn: nfnl.Conn{NS: netns.None()}}}.Detect(ctx, f)
 }
 
 // hintChains are the chains kubelet (and kube-proxy's canary) create in

@@ -14,6 +14,7 @@ import (
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -66,13 +67,13 @@ const defaultLockWait = 5 * time.Second
 // iptables-restore and the backend choice are reported to o.
 func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
-		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}},
+		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{conn: nfnl.Conn{NS: netns.None()}}},
 		want:     backend,
 		ruleset:  rs,
 		lockWait: defaultLockWait,
 		observer: o,
 		generation: func() (uint32, error) {
-			return NFTGeneration(netns.None())
+			return nfnl.Conn{NS: netns.None()}.Generation()
 		},
 	}
 }

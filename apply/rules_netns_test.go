@@ -15,6 +15,7 @@ import (
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -52,8 +53,8 @@ func (e *nsExec) takeRan() []string {
 func newNSRules(t *testing.T, ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
 	r := NewRules(ex, b, rs, &Counts{})
 	h := ns.NetNS(t)
-	r.generation = func() (uint32, error) { return NFTGeneration(h) }
-	r.run.nft = nftables{ns: h}
+	r.generation = func() (uint32, error) { return (nfnl.Conn{NS: h}).Generation() }
+	r.run.nft = nftables{conn: nfnl.Conn{NS: h}}
 	r.run.readFile = func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {

@@ -14,6 +14,7 @@ import (
 	utilexec "k8s.io/utils/exec"
 	testingexec "k8s.io/utils/exec/testing"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -486,7 +487,7 @@ func TestRulesReadWhenGenerationFails(t *testing.T) {
 // rules in our chains.
 type fakeNFT struct {
 	chains map[string]bool
-	rules  map[string][]nftRule
+	rules  map[string][]nfnl.Rule
 	stored map[string][][]string
 }
 
@@ -507,7 +508,7 @@ func (f fakeNFT) exprs(_ render.Family, table, chain string) ([][]string, error)
 	return nil, nil
 }
 
-func (f fakeNFT) jumps(_ render.Family, table, chain string) ([]nftRule, int, error) {
+func (f fakeNFT) jumps(_ render.Family, table, chain string) ([]nfnl.Rule, int, error) {
 	j := f.rules[table+"/"+chain]
 	return j, len(j), nil
 }
@@ -535,12 +536,12 @@ func storedAsRendered(t *testing.T, rs *render.Ruleset) map[string][][]string {
 
 func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 	rs := ruleset(t, "10.96.0.2")
-	jump := func(target string) nftRule { return nftRule{Verdict: "jump", Target: target, Bare: true} }
+	jump := func(target string) nfnl.Rule { return nfnl.Rule{Verdict: "jump", Target: target, Bare: true} }
 	allChains := map[string]bool{
 		"raw/APISERVER-PROXY-PREROUTING": true, "raw/APISERVER-PROXY-OUTPUT": true,
 		"filter/APISERVER-PROXY-INPUT": true, "filter/APISERVER-PROXY-OUTPUT": true,
 	}
-	allJumps := map[string][]nftRule{
+	allJumps := map[string][]nfnl.Rule{
 		"raw/PREROUTING": {jump("APISERVER-PROXY-PREROUTING"), {Verdict: "jump", Target: "CILIUM-PRE-raw"}},
 		"raw/OUTPUT":     {jump("APISERVER-PROXY-OUTPUT")},
 		"filter/INPUT":   {{Verdict: "jump", Target: "KUBE-FIREWALL", Bare: true}, jump("APISERVER-PROXY-INPUT")},
@@ -590,7 +591,7 @@ func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 		},
 		{
 			name: "duplicated bare jump is repaired without listing the built-in chain",
-			nft: fakeNFT{chains: allChains, rules: map[string][]nftRule{
+			nft: fakeNFT{chains: allChains, rules: map[string][]nfnl.Rule{
 				"raw/PREROUTING": allJumps["raw/PREROUTING"], "raw/OUTPUT": allJumps["raw/OUTPUT"],
 				"filter/INPUT":  {jump("APISERVER-PROXY-INPUT"), jump("APISERVER-PROXY-INPUT")},
 				"filter/OUTPUT": allJumps["filter/OUTPUT"],
@@ -601,7 +602,7 @@ func TestRulesSyncNFTReadsInProcess(t *testing.T) {
 		},
 		{
 			name: "a jump of another form is listed as text, to be deleted as printed",
-			nft: fakeNFT{chains: allChains, rules: map[string][]nftRule{
+			nft: fakeNFT{chains: allChains, rules: map[string][]nfnl.Rule{
 				"raw/PREROUTING": allJumps["raw/PREROUTING"], "raw/OUTPUT": allJumps["raw/OUTPUT"],
 				"filter/INPUT":  allJumps["filter/INPUT"],
 				"filter/OUTPUT": {{Verdict: "goto", Target: "APISERVER-PROXY-OUTPUT"}},
