@@ -11,6 +11,7 @@ import (
 	"github.com/vishvananda/netns"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
@@ -78,12 +79,12 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 	}
 	note := ""
 	if len(tables) > 0 && r.lookPath(BackendLegacy, f) != nil {
-		note = fmt.Sprintf(" (legacy tables exist, but without %s they were not probed)", BackendLegacy.binary(f, toolSave))
+		note = fmt.Sprintf(" (legacy tables exist, but without %s they were not probed)", program(BackendLegacy, f, backend.Save))
 		tables = nil
 	}
 	legacyRules := 0
 	if tables != nil {
-		save := BackendLegacy.binary(f, toolSave)
+		save := program(BackendLegacy, f, backend.Save)
 		hint := ""
 		for _, t := range builtinChains {
 			if !tables[t.table] {
@@ -144,7 +145,7 @@ func (r runner) nftSource(f render.Family) string {
 	if r.nft != nil {
 		return "nfnetlink"
 	}
-	return BackendNFT.binary(f, toolIPTables)
+	return program(BackendNFT, f, backend.IPTables)
 }
 
 // nftHasChain reports whether chain exists in table of the nft backend:
@@ -153,7 +154,7 @@ func (r runner) nftHasChain(ctx context.Context, f render.Family, table, chain s
 	if r.nft != nil {
 		return r.nft.hasChain(f, table, chain)
 	}
-	err := r.run(ctx, nil, discard, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
+	err := r.run(ctx, nil, discard, program(BackendNFT, f, backend.IPTables), "-t", table, "-S", chain)
 	if isChainNotFound(err) {
 		return false, nil
 	}
@@ -172,7 +173,7 @@ func (r runner) nftCountRules(ctx context.Context, f render.Family, table, chain
 		if strings.HasPrefix(line, "-A ") {
 			n++
 		}
-	}, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
+	}, program(BackendNFT, f, backend.IPTables), "-t", table, "-S", chain)
 	return n, err
 }
 

@@ -12,24 +12,23 @@ import (
 
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
-// Backend is an iptables backend, or BackendAuto. The binaries of each backend are called
-// by their own names (iptables-nft-restore, ip6tables-legacy-save, ...),
-// never through the iptables alternative, whose meaning depends on the image.
-type Backend string
+// Backend is an iptables backend, or BackendAuto (see internal/backend).
+type Backend = backend.Backend
 
 // The iptables backends.
 const (
-	BackendNFT    Backend = "nft"
-	BackendLegacy Backend = "legacy"
+	BackendNFT    = backend.NFT
+	BackendLegacy = backend.Legacy
 	// BackendAuto detects the backend the host uses (see Detect).
-	BackendAuto Backend = "auto"
+	BackendAuto = backend.Auto
 )
 
 // other returns the backend b is not.
-func (b Backend) other() Backend {
+func other(b Backend) Backend {
 	if b == BackendNFT {
 		return BackendLegacy
 	}
@@ -38,18 +37,18 @@ func (b Backend) other() Backend {
 
 // tools returns the programs the sidecar runs with backend b: per-chain
 // listings and restore with nft, save and restore with legacy.
-func (b Backend) tools() []tool {
+func tools(b Backend) []backend.Tool {
 	if b == BackendLegacy {
-		return []tool{toolSave, toolRestore}
+		return []backend.Tool{backend.Save, backend.Restore}
 	}
-	return []tool{toolIPTables, toolRestore}
+	return []backend.Tool{backend.IPTables, backend.Restore}
 }
 
 // lookPath returns an error naming the first program of backend b for
 // family f that is not in PATH.
 func (r runner) lookPath(b Backend, f render.Family) error {
-	for _, t := range b.tools() {
-		name := b.binary(f, t)
+	for _, t := range tools(b) {
+		name := program(b, f, t)
 		if _, err := r.exec.LookPath(name); err != nil {
 			return fmt.Errorf("iptables backend %s needs %s, which is not in PATH: %w", b, name, err)
 		}
@@ -57,23 +56,10 @@ func (r runner) lookPath(b Backend, f render.Family) error {
 	return nil
 }
 
-// tool is one of the iptables programs.
-type tool string
-
-const (
-	toolIPTables tool = ""
-	toolRestore  tool = "-restore"
-	toolSave     tool = "-save"
-)
-
-// binary returns the name of t for family f in backend b, such as
-// "ip6tables-nft-restore". This is the one place binary names are made.
-func (b Backend) binary(f render.Family, t tool) string {
-	base := "iptables"
-	if f == render.IPv6 {
-		base = "ip6tables"
-	}
-	return base + "-" + string(b) + string(t)
+// program returns the name of t for family f in backend b, such as
+// "ip6tables-nft-restore" (made by backend.Binary).
+func program(b Backend, f render.Family, t backend.Tool) string {
+	return backend.Binary(b, f == render.IPv6, t)
 }
 
 // ToolError is a failed run of an iptables program. It carries the
@@ -227,7 +213,7 @@ func listingOf(name string, args []string) *listing {
 		case args[i] == "-S":
 			l.chain = args[i+1]
 			l.newChain, l.policy = []byte("-N "+l.chain), []byte("-P "+l.chain+" ")
-		case args[i] == "-t" && strings.HasSuffix(name, string(toolSave)):
+		case args[i] == "-t" && strings.HasSuffix(name, string(backend.Save)):
 			l.table = args[i+1]
 			l.star = []byte("*" + l.table)
 		}

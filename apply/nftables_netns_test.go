@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 )
@@ -19,10 +20,10 @@ func TestWantExprsMatchIPTablesNFT(t *testing.T) {
 	netnstest.RequireBinaries(t, "iptables-nft-restore", "ip6tables-nft-restore")
 	for _, addr := range []string{"10.96.0.2", "fd00::2"} {
 		rs := ruleset(t, addr)
-		bin := BackendNFT.binary(rs.Family, toolIPTables)
+		bin := program(BackendNFT, rs.Family, backend.IPTables)
 		t.Run(bin, func(t *testing.T) {
 			ns := netnstest.New(t)
-			cmd := ns.Command(BackendNFT.binary(rs.Family, toolRestore), "--noflush")
+			cmd := ns.Command(program(BackendNFT, rs.Family, backend.Restore), "--noflush")
 			cmd.Stdin = bytes.NewReader(rs.Payload())
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Fatalf("loading the payload: %v: %s", err, out)

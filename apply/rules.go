@@ -14,6 +14,7 @@ import (
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
@@ -134,10 +135,10 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 	if !first && r.want == BackendAuto && noneOfOurs(states) {
 		// Whoever put our chains into the other backend (a previous run,
 		// an operator) may know that the host changed backends.
-		moved, err := r.oursIn(ctx, r.backend.other())
+		moved, err := r.oursIn(ctx, other(r.backend))
 		if err == nil && moved {
 			klog.InfoS("Our chains are gone from the iptables backend in use but present in the other; detecting the backend again",
-				"family", r.ruleset.Family, "inUse", r.backend, "other", r.backend.other())
+				"family", r.ruleset.Family, "inUse", r.backend, "other", other(r.backend))
 			if err := r.choose(ctx); err != nil {
 				return nil, err
 			}
@@ -163,9 +164,9 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 	}
 	if !r.otherClean {
-		gone, err := r.cleanupIn(ctx, r.backend.other())
+		gone, err := r.cleanupIn(ctx, other(r.backend))
 		if err != nil {
-			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", r.backend.other(), err)
+			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", other(r.backend), err)
 		}
 		for _, g := range gone {
 			klog.InfoS("Removed our rules from the iptables backend not in use", "family", r.ruleset.Family, "removed", g.String())
@@ -192,7 +193,7 @@ func (r *Rules) readBack(ctx context.Context) error {
 	started := time.Now()
 	states, err := r.readAll(ctx, r.backend)
 	if err != nil {
-		return fmt.Errorf("reading back after %s: %w", r.backend.binary(r.ruleset.Family, toolRestore), err)
+		return fmt.Errorf("reading back after %s: %w", program(r.backend, r.ruleset.Family, backend.Restore), err)
 	}
 	var still []string
 	for i, t := range r.ruleset.Tables {
@@ -203,7 +204,7 @@ func (r *Rules) readBack(ctx context.Context) error {
 	}
 	if len(still) > 0 {
 		return fmt.Errorf("rules still differ right after %s succeeded (it did not load them, or another writer changed them meanwhile): %s",
-			r.backend.binary(r.ruleset.Family, toolRestore), strings.Join(still, "; "))
+			program(r.backend, r.ruleset.Family, backend.Restore), strings.Join(still, "; "))
 	}
 	if genOK {
 		r.verifiedGen, r.verifiedAt = gen, started
@@ -378,9 +379,9 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		if err != nil || !tables[t.Name] {
 			return st, err
 		}
-		return st, r.run.runKeep(ctx, nil, keep, collect, b.binary(f, toolSave), "-t", t.Name)
+		return st, r.run.runKeep(ctx, nil, keep, collect, program(b, f, backend.Save), "-t", t.Name)
 	}
-	list := b.binary(f, toolIPTables)
+	list := program(b, f, backend.IPTables)
 	for _, c := range t.Chains {
 		if r.run.nft != nil {
 			known, err := r.readChainNFT(t, c, collect)
@@ -640,7 +641,7 @@ func block(table string, parts ...[]string) []string {
 // restore loads lines with one iptables-restore --noflush of backend b.
 func (r *Rules) restore(ctx context.Context, b Backend, lines []string) error {
 	payload := []byte(strings.Join(lines, "\n") + "\n")
-	name := b.binary(r.ruleset.Family, toolRestore)
+	name := program(b, r.ruleset.Family, backend.Restore)
 	wait := "--wait=" + strconv.Itoa(int(r.lockWait.Seconds()))
 	err := r.run.run(ctx, payload, discard, name, "--noflush", wait)
 	r.observer.RestoreRan(r.ruleset.Family, err)

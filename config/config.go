@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -73,8 +74,7 @@ type Config struct {
 	Interface     string
 	SyncInterval  time.Duration
 	SetupIPTables bool
-	// Backend is "auto", "nft" or "legacy".
-	Backend string
+	Backend       backend.Backend
 	// IPTablesTimeout bounds each iptables program.
 	IPTablesTimeout time.Duration
 	Cleanup         bool
@@ -136,10 +136,9 @@ func (f Flags) Validate() (Config, error) {
 	case f.SyncInterval < MinSyncInterval && !f.UnsafeShortSyncInterval:
 		return Config{}, flagError("sync-interval", f.SyncInterval.String(), fmt.Errorf("must be at least %s (a minute is 1m)", MinSyncInterval))
 	}
-	switch f.Backend {
-	case "auto", "nft", "legacy":
-	default:
-		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "auto", "nft" or "legacy"`))
+	b, err := backend.Parse(f.Backend)
+	if err != nil {
+		return Config{}, flagError("iptables-backend", f.Backend, err)
 	}
 	if f.IPTablesTimeout < MinIPTablesTimeout {
 		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to 5s for the xtables lock", MinIPTablesTimeout))
@@ -163,7 +162,7 @@ func (f Flags) Validate() (Config, error) {
 		Interface:       f.Interface,
 		SyncInterval:    f.SyncInterval,
 		SetupIPTables:   f.SetupIPTables,
-		Backend:         f.Backend,
+		Backend:         b,
 		IPTablesTimeout: f.IPTablesTimeout,
 		Cleanup:         f.Cleanup,
 		Daemon:          f.Daemon,
