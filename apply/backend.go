@@ -94,7 +94,7 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 			for _, c := range t.chains {
 				builtin[c] = true
 			}
-			err := r.run(ctx, nil, func(line string) {
+			err := r.run(ctx, nil, tableListing(t.table), func(line string) {
 				if name, ok := strings.CutPrefix(line, ":"); ok && t.table == "mangle" && hint == "" {
 					name, _, _ = strings.Cut(name, " ")
 					for _, h := range hintChains {
@@ -154,7 +154,7 @@ func (r runner) nftHasChain(ctx context.Context, f render.Family, table, chain s
 	if r.nft != nil {
 		return r.nft.hasChain(f, table, chain)
 	}
-	err := r.run(ctx, nil, discard, program(BackendNFT, f, backend.IPTables), "-t", table, "-S", chain)
+	err := r.run(ctx, nil, chainListing(chain), discard, program(BackendNFT, f, backend.IPTables), "-t", table, "-S", chain)
 	if isChainNotFound(err) {
 		return false, nil
 	}
@@ -169,7 +169,7 @@ func (r runner) nftCountRules(ctx context.Context, f render.Family, table, chain
 		return n, err
 	}
 	n := 0
-	err := r.run(ctx, nil, func(line string) {
+	err := r.run(ctx, nil, chainListing(chain), func(line string) {
 		if strings.HasPrefix(line, "-A ") {
 			n++
 		}

@@ -127,24 +127,24 @@ const defaultTimeout = 30 * time.Second
 
 // run runs name with args, stdin (may be nil) and hands every line of its
 // stdout to line as it arrives, so that a long listing is never held in
-// memory as a whole.
-func (r runner) run(ctx context.Context, stdin []byte, line func(string), name string, args ...string) error {
-	return r.runKeep(ctx, stdin, nil, line, name, args...)
+// memory as a whole. An exit 0 whose output fails check is an error.
+func (r runner) run(ctx context.Context, stdin []byte, check outputCheck, line func(string), name string, args ...string) error {
+	return r.runKeep(ctx, stdin, check, nil, line, name, args...)
 }
 
 // runKeep is run where line wants only the lines keep (if not nil)
 // accepts: the others are looked at as bytes and never copied, which keeps
 // reading a legacy table of 50,000 rules cheap.
-func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) bool, line func(string), name string, args ...string) error {
+func (r runner) runKeep(ctx context.Context, stdin []byte, check outputCheck, keep func([]byte) bool, line func(string), name string, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
 	cmd := r.exec.CommandContext(ctx, name, args...)
 	if stdin != nil {
 		cmd.SetStdin(bytes.NewReader(stdin))
 	}
-	check := listingOf(name, args)
+	seen := check.start()
 	lw := &lineWriter{fn: func(b []byte) {
-		check.see(b)
+		seen.see(b)
 		if keep == nil || keep(b) {
 			line(string(b))
 		}
@@ -171,7 +171,7 @@ func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) boo
 	}
 	lw.flush()
 	if err == nil {
-		if msg := check.lacking(); msg != "" {
+		if msg := seen.lacking(); msg != "" {
 			return &ToolError{Command: append([]string{name}, args...), ExitCode: 0, Stderr: stderr.String(), Err: errors.New(msg)}
 		}
 		return nil
@@ -187,16 +187,30 @@ func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) boo
 	return te
 }
 
-// listing checks that the output of a listing that exited 0 is one: `-S
-// CHAIN` always prints "-P CHAIN POLICY" (built-in chain) or "-N CHAIN",
-// and `-save -t TABLE` prints "*TABLE" and "COMMIT". Output without them
-// comes from a broken or substituted program; taken for an empty chain or
-// table, it would make a sync rewrite what is in place and insert a
-// duplicate jump at every sync.
-type listing struct {
-	// chain is the chain of `-S CHAIN`, table the table of `-save -t
-	// TABLE`; both are empty for anything else, which is not checked.
+// outputCheck says what the output of a program that exited 0 must hold
+// to be believed. A listing always prints its header: `-S CHAIN` prints
+// "-P CHAIN POLICY" (built-in chain) or "-N CHAIN", and `-save -t TABLE`
+// prints "*TABLE" and "COMMIT". Output without them comes from a broken or
+// substituted program; taken for an empty chain or table, it would make a
+// sync rewrite what is in place and insert a duplicate jump at every sync.
+type outputCheck struct {
+	// chain is the chain of a `-S CHAIN` listing, table the table of a
+	// `-save -t TABLE`; both empty: the output is not checked.
 	chain, table string
+}
+
+// noCheck is the check of a program whose output is not a listing.
+var noCheck = outputCheck{}
+
+// chainListing is the check of `iptables -t TABLE -S chain`.
+func chainListing(chain string) outputCheck { return outputCheck{chain: chain} }
+
+// tableListing is the check of `iptables-save -t table`.
+func tableListing(table string) outputCheck { return outputCheck{table: table} }
+
+// listing follows one program's output for its check.
+type listing struct {
+	outputCheck
 	// The header lines that mark a listing: "-N CHAIN" and the prefix
 	// "-P CHAIN " for -S, "*TABLE" for -save.
 	newChain, policy, star []byte
@@ -206,17 +220,13 @@ type listing struct {
 	lines                  int
 }
 
-func listingOf(name string, args []string) *listing {
-	l := &listing{}
-	for i := 0; i+1 < len(args); i++ {
-		switch {
-		case args[i] == "-S":
-			l.chain = args[i+1]
-			l.newChain, l.policy = []byte("-N "+l.chain), []byte("-P "+l.chain+" ")
-		case args[i] == "-t" && strings.HasSuffix(name, string(backend.Save)):
-			l.table = args[i+1]
-			l.star = []byte("*" + l.table)
-		}
+func (c outputCheck) start() *listing {
+	l := &listing{outputCheck: c}
+	if c.chain != "" {
+		l.newChain, l.policy = []byte("-N "+c.chain), []byte("-P "+c.chain+" ")
+	}
+	if c.table != "" {
+		l.star = []byte("*" + c.table)
 	}
 	return l
 }

@@ -379,7 +379,7 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		if err != nil || !tables[t.Name] {
 			return st, err
 		}
-		return st, r.run.runKeep(ctx, nil, keep, collect, program(b, f, backend.Save), "-t", t.Name)
+		return st, r.run.runKeep(ctx, nil, tableListing(t.Name), keep, collect, program(b, f, backend.Save), "-t", t.Name)
 	}
 	list := program(b, f, backend.IPTables)
 	for _, c := range t.Chains {
@@ -392,7 +392,7 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 				continue
 			}
 		}
-		err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", c.Name)
+		err := r.run.run(ctx, nil, chainListing(c.Name), collect, list, "-t", t.Name, "-S", c.Name)
 		if err != nil && !isChainNotFound(err) {
 			return st, err
 		}
@@ -410,7 +410,7 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 				continue
 			}
 		}
-		if err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", hook); err != nil {
+		if err := r.run.run(ctx, nil, chainListing(hook), collect, list, "-t", t.Name, "-S", hook); err != nil {
 			return st, err
 		}
 	}
@@ -643,7 +643,7 @@ func (r *Rules) restore(ctx context.Context, b Backend, lines []string) error {
 	payload := []byte(strings.Join(lines, "\n") + "\n")
 	name := program(b, r.ruleset.Family, backend.Restore)
 	wait := "--wait=" + strconv.Itoa(int(r.lockWait.Seconds()))
-	err := r.run.run(ctx, payload, discard, name, "--noflush", wait)
+	err := r.run.run(ctx, payload, noCheck, discard, name, "--noflush", wait)
 	r.observer.RestoreRan(r.ruleset.Family, err)
 	return err
 }
