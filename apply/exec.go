@@ -121,8 +121,8 @@ type runner struct {
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most
-// lockWait for the xtables lock, reads take milliseconds; anything slower
-// than this is hung.
+// backend.LockWait for the xtables lock, reads take milliseconds; anything
+// slower than this is hung.
 const defaultTimeout = 30 * time.Second
 
 // run runs name with args, stdin (may be nil) and hands every line of its

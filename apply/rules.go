@@ -58,20 +58,15 @@ type Rules struct {
 // backend, say).
 const generationTrust = 10 * time.Minute
 
-// defaultLockWait is how long a write waits for the xtables lock (legacy
-// backend; nft ignores the lock) before it fails and is retried at the
-// next sync.
-const defaultLockWait = 5 * time.Second
-
 // NewRules returns Rules that keep rs in place with the programs of
-// backend (BackendAuto: detected by the first sync), run through ex. Every
+// backend b (BackendAuto: detected by the first sync), run through ex. Every
 // iptables-restore and the backend choice are reported to o.
-func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Observer) *Rules {
+func NewRules(ex utilexec.Interface, b Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
 		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{conn: nfnl.Conn{NS: netns.None()}}},
-		want:     backend,
+		want:     b,
 		ruleset:  rs,
-		lockWait: defaultLockWait,
+		lockWait: backend.LockWait,
 		observer: o,
 		generation: func() (uint32, error) {
 			return nfnl.Conn{NS: netns.None()}.Generation()

@@ -101,9 +101,9 @@ const MinSyncInterval = time.Second
 const unsafeShortSyncIntervalFlag = "unsafe-short-sync-interval"
 
 // MinIPTablesTimeout is the shortest --iptables-timeout: a write waits up
-// to 5s for the xtables lock (iptables-restore --wait=5), and a bound at or
-// below that would kill it while it waits.
-const MinIPTablesTimeout = 6 * time.Second
+// to backend.LockWait for the xtables lock (iptables-restore --wait), and a
+// bound at or below that would kill it while it waits.
+const MinIPTablesTimeout = backend.LockWait + time.Second
 
 // FlagError reports a flag whose value was refused.
 type FlagError struct {
@@ -141,7 +141,7 @@ func (f Flags) Validate() (Config, error) {
 		return Config{}, flagError("iptables-backend", f.Backend, err)
 	}
 	if f.IPTablesTimeout < MinIPTablesTimeout {
-		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to 5s for the xtables lock", MinIPTablesTimeout))
+		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to %s for the xtables lock", MinIPTablesTimeout, backend.LockWait))
 	}
 	health, err := ParseBindAddress(f.HealthProbeBindAddress)
 	if err != nil {

@@ -3,7 +3,10 @@
 // the project, so that every package may use it.
 package backend
 
-import "fmt"
+import (
+	"fmt"
+	"time"
+)
 
 // Backend is an iptables backend, or Auto. The programs of each backend
 // are called by their own names (iptables-nft-restore,
@@ -52,3 +55,9 @@ func Binary(b Backend, ipv6 bool, t Tool) string {
 	}
 	return base + string(t)
 }
+
+// LockWait is how long a write waits for the xtables lock
+// (iptables-restore --wait; the nft backend ignores the lock) before it
+// fails and is retried at the next sync. A program's timeout must exceed
+// it.
+const LockWait = 5 * time.Second
