@@ -568,14 +568,15 @@ func repair(t render.Table, st tableState) ([]string, []Drift) {
 		add = append(add, c.Rules...)
 	}
 	for _, c := range t.Chains {
+		jump := ruleSpec{chain: c.Hook, spec: c.JumpSpec()}
 		n := 0
 		for _, rule := range st.refs[c.Hook] {
 			switch {
-			case rule == c.JumpRule():
+			case rule == jump.appendLine():
 				n++
 			case target(rule) == c.Name:
 				drifts = append(drifts, Drift{Table: t.Name, Object: "jump", Chain: c.Name, What: "unexpected rule " + strconv.Quote(rule)})
-				del = append(del, "-D"+strings.TrimPrefix(rule, "-A"))
+				del = append(del, listed(rule).deleteLine())
 			}
 		}
 		switch {
@@ -586,10 +587,10 @@ func repair(t render.Table, st tableState) ([]string, []Drift) {
 		default:
 			drifts = append(drifts, Drift{Table: t.Name, Object: "jump", Chain: c.Name, What: fmt.Sprintf("%d copies in %s", n, c.Hook)})
 			for range n {
-				del = append(del, "-D "+c.Hook+" "+c.JumpSpec())
+				del = append(del, jump.deleteLine())
 			}
 		}
-		ins = append(ins, "-I "+c.Hook+" "+c.JumpSpec())
+		ins = append(ins, jump.insertLine())
 	}
 	return block(t.Name, decl, del, add, ins), drifts
 }
@@ -609,11 +610,38 @@ func teardown(t render.Table, st tableState) ([]string, []Removal) {
 	}
 	for _, h := range hooks(t) {
 		for _, rule := range st.refs[h] {
-			del = append(del, "-D"+strings.TrimPrefix(rule, "-A"))
+			del = append(del, listed(rule).deleteLine())
 			removed = append(removed, Removal{Table: t.Name, Object: "jump", Chain: target(rule), Hook: h})
 		}
 	}
 	return block(t.Name, flush, del, drop), removed
+}
+
+// ruleSpec is one rule: the chain it is in and the rest of it, as
+// `iptables -S` prints it after the chain ("-j APISERVER-PROXY-INPUT").
+type ruleSpec struct {
+	chain, spec string
+}
+
+// listed returns the ruleSpec of a rule as `iptables -S` or iptables-save
+// lists it: "-A CHAIN SPEC".
+func listed(rule string) ruleSpec {
+	rest, _ := strings.CutPrefix(rule, "-A ")
+	chain, spec, _ := strings.Cut(rest, " ")
+	return ruleSpec{chain: chain, spec: spec}
+}
+
+// appendLine, insertLine and deleteLine return the restore line that
+// appends the rule to its chain, inserts it at the top, or deletes it.
+func (s ruleSpec) appendLine() string { return s.line("-A") }
+func (s ruleSpec) insertLine() string { return s.line("-I") }
+func (s ruleSpec) deleteLine() string { return s.line("-D") }
+
+func (s ruleSpec) line(op string) string {
+	if s.spec == "" {
+		return op + " " + s.chain
+	}
+	return op + " " + s.chain + " " + s.spec
 }
 
 // declare is the restore line that creates chain, or empties it if it

@@ -658,3 +658,20 @@ func TestRulesReadBackCatchesARestoreThatLoadedNothing(t *testing.T) {
 		t.Errorf("%d restores ran, want 1", got)
 	}
 }
+
+func TestRuleSpecLines(t *testing.T) {
+	s := listed("-A INPUT -i eth0 -j APISERVER-PROXY-INPUT")
+	if s != (ruleSpec{chain: "INPUT", spec: "-i eth0 -j APISERVER-PROXY-INPUT"}) {
+		t.Fatalf("listed = %+v", s)
+	}
+	got := []string{s.appendLine(), s.insertLine(), s.deleteLine(), listed("-A INPUT").deleteLine()}
+	want := []string{
+		"-A INPUT -i eth0 -j APISERVER-PROXY-INPUT",
+		"-I INPUT -i eth0 -j APISERVER-PROXY-INPUT",
+		"-D INPUT -i eth0 -j APISERVER-PROXY-INPUT",
+		"-D INPUT",
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("lines (-want +got):\n%s", diff)
+	}
+}
