@@ -131,6 +131,12 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		// Whoever put our chains into the other backend (a previous run,
 		// an operator) may know that the host changed backends.
 		moved, err := r.oursIn(ctx, other(r.backend))
+		if err != nil {
+			// Not knowing is no reason to switch, nor to fail a sync that
+			// can still write our rules where they belong.
+			klog.InfoS("Cannot read the iptables backend not in use; keeping the one in use",
+				"family", r.ruleset.Family, "inUse", r.backend, "other", other(r.backend), "err", err)
+		}
 		if err == nil && moved {
 			klog.InfoS("Our chains are gone from the iptables backend in use but present in the other; detecting the backend again",
 				"family", r.ruleset.Family, "inUse", r.backend, "other", other(r.backend))
