@@ -49,7 +49,7 @@ func tools(b Backend) []backend.Tool {
 func (r runner) lookPath(b Backend, f render.Family) error {
 	for _, t := range tools(b) {
 		name := program(b, f, t)
-		if _, err := r.exec.LookPath(name); err != nil {
+		if _, err := r.node.LookPath(name); err != nil {
 			return fmt.Errorf("iptables backend %s needs %s, which is not in PATH: %w", b, name, err)
 		}
 	}
@@ -108,16 +108,12 @@ func isChainNotFound(err error) bool {
 	return false
 }
 
-// runner runs iptables programs, each bounded by a timeout so that a hung
-// program is killed rather than stalling the sync loop.
+// runner runs iptables programs on a node, each bounded by a timeout so
+// that a hung program is killed rather than stalling the sync loop, and
+// reads the node's /proc and nfnetlink through the same node.
 type runner struct {
-	exec    utilexec.Interface
+	node    node
 	timeout time.Duration
-	// readFile reads /proc files; nil means os.ReadFile.
-	readFile func(name string) ([]byte, error)
-	// nft reads the nft backend's chains in-process; nil means with
-	// iptables-nft -S only.
-	nft nftReader
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most
@@ -138,7 +134,7 @@ func (r runner) run(ctx context.Context, stdin []byte, check outputCheck, line f
 func (r runner) runKeep(ctx context.Context, stdin []byte, check outputCheck, keep func([]byte) bool, line func(string), name string, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	cmd := r.exec.CommandContext(ctx, name, args...)
+	cmd := r.node.CommandContext(ctx, name, args...)
 	if stdin != nil {
 		cmd.SetStdin(bytes.NewReader(stdin))
 	}

@@ -28,7 +28,7 @@ func TestWantExprsMatchIPTablesNFT(t *testing.T) {
 			if out, err := cmd.CombinedOutput(); err != nil {
 				t.Fatalf("loading the payload: %v: %s", err, out)
 			}
-			n := nftables{conn: nfnl.Conn{NS: ns.NetNS(t)}}
+			n := hostNode{nft: nfnl.Conn{NS: ns.NetNS(t)}}
 			want := storedAsRendered(t, rs)
 			for _, tb := range rs.Tables {
 				for _, c := range tb.Chains {

@@ -43,11 +43,9 @@ type Rules struct {
 	lockWait   time.Duration
 	observer   Observer
 
-	// generation reads the nftables ruleset generation; nil where it
-	// cannot be read. verifiedGen is the generation at the start of the
-	// last sync that found everything in place and wrote nothing, at
-	// verifiedAt; zero verifiedAt means there is none since the last write.
-	generation  func() (uint32, error)
+	// verifiedGen is the nftables generation at the start of the last sync
+	// that found everything in place and wrote nothing, at verifiedAt; zero
+	// verifiedAt means there is none since the last write.
 	verifiedGen uint32
 	verifiedAt  time.Time
 }
@@ -62,15 +60,17 @@ const generationTrust = 10 * time.Minute
 // backend b (BackendAuto: detected by the first sync), run through ex. Every
 // iptables-restore and the backend choice are reported to o.
 func NewRules(ex utilexec.Interface, b Backend, rs *render.Ruleset, o Observer) *Rules {
+	return rulesOn(hostNode{exec: ex, nft: nfnl.Conn{NS: netns.None()}}, b, rs, o)
+}
+
+// rulesOn returns Rules on node n.
+func rulesOn(n node, b Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
-		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{conn: nfnl.Conn{NS: netns.None()}}},
+		run:      runner{node: n, timeout: defaultTimeout},
 		want:     b,
 		ruleset:  rs,
 		lockWait: backend.LockWait,
 		observer: o,
-		generation: func() (uint32, error) {
-			return nfnl.Conn{NS: netns.None()}.Generation()
-		},
 	}
 }
 
@@ -216,10 +216,10 @@ func (r *Rules) readBack(ctx context.Context) error {
 // readGeneration returns the nftables generation when the backend in use
 // is nft and it can be read.
 func (r *Rules) readGeneration() (uint32, bool) {
-	if r.backend != BackendNFT || r.generation == nil {
+	if r.backend != BackendNFT {
 		return 0, false
 	}
-	gen, err := r.generation()
+	gen, err := r.run.node.generation()
 	if err != nil {
 		klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
 		return 0, false
@@ -384,32 +384,28 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 	}
 	list := program(b, f, backend.IPTables)
 	for _, c := range t.Chains {
-		if r.run.nft != nil {
-			known, err := r.readChainNFT(t, c, collect)
-			if err != nil {
-				return st, err
-			}
-			if known {
-				continue
-			}
+		known, err := r.readChainNFT(t, c, collect)
+		if err != nil {
+			return st, err
 		}
-		err := r.run.run(ctx, nil, chainListing(c.Name), collect, list, "-t", t.Name, "-S", c.Name)
+		if known {
+			continue
+		}
+		err = r.run.run(ctx, nil, chainListing(c.Name), collect, list, "-t", t.Name, "-S", c.Name)
 		if err != nil && !isChainNotFound(err) {
 			return st, err
 		}
 	}
 	for _, hook := range hooks(t) {
-		if r.run.nft != nil {
-			bare, err := r.bareJumps(t, hook)
-			if err != nil {
-				return st, err
+		bare, err := r.bareJumps(t, hook)
+		if err != nil {
+			return st, err
+		}
+		if bare != nil {
+			for _, rule := range bare {
+				collect(rule)
 			}
-			if bare != nil {
-				for _, rule := range bare {
-					collect(rule)
-				}
-				continue
-			}
+			continue
 		}
 		if err := r.run.run(ctx, nil, chainListing(hook), collect, list, "-t", t.Name, "-S", hook); err != nil {
 			return st, err
@@ -425,12 +421,12 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 // iptables-nft can tell what the rules are then.
 func (r *Rules) readChainNFT(t render.Table, c render.Chain, collect func(string)) (bool, error) {
 	f := r.ruleset.Family
-	got, err := r.run.nft.exprs(f, t.Name, c.Name)
+	got, err := r.run.node.exprs(f, t.Name, c.Name)
 	if err != nil {
 		return false, err
 	}
 	if len(got) == 0 {
-		exists, err := r.run.nft.hasChain(f, t.Name, c.Name)
+		exists, err := r.run.node.hasChain(f, t.Name, c.Name)
 		if err != nil || !exists {
 			return !exists, err
 		}
@@ -463,7 +459,7 @@ func (r *Rules) bareJumps(t render.Table, hook string) ([]string, error) {
 	for _, c := range t.Chains {
 		ours[c.Name] = true
 	}
-	jumps, _, err := r.run.nft.jumps(r.ruleset.Family, t.Name, hook)
+	jumps, _, err := r.run.node.jumps(r.ruleset.Family, t.Name, hook)
 	if err != nil {
 		return nil, err
 	}

@@ -52,18 +52,14 @@ func (e *nsExec) takeRan() []string {
 
 // newNSRules returns Rules that run programs and read /proc inside ns.
 func newNSRules(t *testing.T, ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
-	r := NewRules(ex, b, rs, &Counts{})
-	h := ns.NetNS(t)
-	r.generation = func() (uint32, error) { return (nfnl.Conn{NS: h}).Generation() }
-	r.run.nft = nftables{conn: nfnl.Conn{NS: h}}
-	r.run.readFile = func(name string) ([]byte, error) {
+	n := hostNode{exec: ex, nft: nfnl.Conn{NS: ns.NetNS(t)}, proc: func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {
 			return nil, fs.ErrNotExist
 		}
 		return []byte(out), err
-	}
-	return r
+	}}
+	return rulesOn(n, b, rs, &Counts{})
 }
 
 type backendCase struct {
