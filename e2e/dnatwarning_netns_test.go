@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"net/netip"
@@ -22,10 +22,11 @@ const dnatWarning = "WARNING: connections DNATed into our address fail"
 func TestDNATWarning(t *testing.T) {
 	netnstest.Require(t)
 	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
-	bin := buildSidecar(t)
+	t.Parallel()
+	bin := sidecarBinary(t)
 	const interval = time.Second
 	for _, backend := range []string{"nft", "legacy"} {
-		for _, fam := range clientFamilies {
+		for _, fam := range families {
 			t.Run(backend+"/"+fam.name, func(t *testing.T) {
 				t.Parallel()
 				proxy := netip.AddrPortFrom(fam.proxy, proxyPort)
@@ -40,6 +41,7 @@ func TestDNATWarning(t *testing.T) {
 					{"no --setup-iptables", []string{"--ip-address=" + fam.proxy.String()}, true},
 				} {
 					t.Run(tc.name, func(t *testing.T) {
+						t.Parallel()
 						node, pod := newClientNode(t, backend, fam, iptablesMode)
 						if !strings.Contains(strings.Join(tc.args, " "), "--setup-iptables") {
 							// Nothing of ours accepts the port: the node must.
@@ -48,7 +50,7 @@ func TestDNATWarning(t *testing.T) {
 						serveEcho(t, node, proxy)
 						serveEcho(t, node, clusterIP)
 						d := startDaemon(t, node, bin, append(tc.args, "--iptables-backend="+backend, "--sync-interval="+interval.String(), "-v=2")...)
-						eventually(t, 10*time.Second, "the start-up sync", func() bool { return strings.Contains(d.log(), `trigger="startup"`) })
+						d.startupSynced(t)
 
 						failedAt := time.Now()
 						r := probe(t, pod, clusterIP, droppedDialTimeout)
@@ -56,7 +58,7 @@ func TestDNATWarning(t *testing.T) {
 							t.Fatalf("pod -> %s: error %v, want it to work: %v", clusterIP, r.err, tc.works)
 						}
 						if !tc.works {
-							eventually(t, 2*interval, "the warning", func() bool { return strings.Contains(d.log(), dnatWarning) })
+							eventually(t, "the warning", func() bool { return strings.Contains(d.log(), dnatWarning) }, within(2*interval))
 							t.Logf("named %s after the failed connection", time.Since(failedAt).Round(time.Millisecond))
 							var line string
 							for _, l := range strings.Split(d.log(), "\n") {
@@ -77,7 +79,7 @@ func TestDNATWarning(t *testing.T) {
 							// Two interval syncs after the connection: one
 							// check at least has looked at it.
 							n := strings.Count(d.log(), `trigger="interval"`)
-							eventually(t, 5*interval, "two interval syncs", func() bool { return strings.Count(d.log(), `trigger="interval"`) >= n+2 })
+							eventually(t, "two interval syncs", func() bool { return strings.Count(d.log(), `trigger="interval"`) >= n+2 }, within(5*interval))
 							if strings.Contains(d.log(), dnatWarning) {
 								t.Errorf("a warning about a setup that works:\n%s", d.log())
 							}
