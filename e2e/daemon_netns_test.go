@@ -26,7 +26,7 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			ipt := "iptables-" + backend
-			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms", "--unsafe-short-sync-interval"}
+			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "100ms", "--unsafe-short-sync-interval", "-v", "2"}
 			want := wantState(t, backend)
 			whole := func() bool { return slices.Equal(ourState(t, ns, backend), want) }
 
@@ -35,6 +35,8 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 
 			d := startDaemon(t, ns, bin, args...)
 			eventually(t, "first sync", whole)
+			// The repairs counted below are the drifts', none of the start-up's.
+			d.startupSynced(t)
 			for _, drift := range [][]string{
 				{ipt, "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
 				{ipt, "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},

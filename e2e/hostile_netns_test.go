@@ -547,6 +547,9 @@ func TestUnexpectedListings(t *testing.T) {
 			d := startDaemonEnv(t, ns, []string{sh.pathFirst()}, bin, "--ip-address", dualStack, "--setup-iptables",
 				"--iptables-backend", backend, "--sync-interval", interval, "--unsafe-short-sync-interval", "-v", "2")
 			eventually(t, "first sync", whole)
+			// The writes and syncs counted below are the modes', none of
+			// the start-up's.
+			d.startupSynced(t)
 			bumps := 0
 			// trigger makes, with nft, a foreign change (an event) so that
 			// the sidecar verifies; legacy verifies at every interval.
