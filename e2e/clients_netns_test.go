@@ -166,14 +166,11 @@ func (s clientSetup) sidecarArgs(fam family, backend string) []string {
 // and the ClusterIP, and each setup asserts exactly which connect, which
 // listener served them, and what conntrack lists: see clientSetups.
 func TestClientPaths(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t,
+	bin := e2eTest(t,
 		"iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy",
 		"iptables-nft-restore", "iptables-legacy-restore", "ip6tables-nft-restore", "ip6tables-legacy-restore",
 		"nft", "conntrack")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		for _, fam := range families {
 			for _, mode := range []kubeProxyMode{iptablesMode, nftablesMode} {
 				t.Run(backend+"/"+fam.name+"/"+string(mode), func(t *testing.T) {

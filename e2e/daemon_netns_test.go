@@ -17,11 +17,8 @@ import (
 // leaves everything in place on SIGTERM without --cleanup and removes
 // exactly its own with --cleanup, exiting 0 both times.
 func TestDaemonRepairsAndExits(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -37,20 +34,13 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 			eventually(t, "first sync", whole)
 			// The repairs counted below are the drifts', none of the start-up's.
 			d.startupSynced(t)
-			for _, drift := range [][]string{
-				{ipt, "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
-				{ipt, "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
-				{"ip6tables-" + backend, "-t", "filter", "-I", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
-				{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
-				{"ip", "addr", "del", "fd00::2/128", "dev", "lo"},
-			} {
-				repairs := strings.Count(d.log(), "Repaired")
-				ns.Run(t, drift[0], drift[1:]...)
-				// The daemon may repair before we look: its log says it did.
-				eventually(t, strings.Join(drift, " ")+" repaired", func() bool {
-					return strings.Count(d.log(), "Repaired") > repairs && whole()
-				})
-			}
+			d.repairs(t, ns, whole,
+				[]string{ipt, "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
+				[]string{ipt, "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
+				[]string{"ip6tables-" + backend, "-t", "filter", "-I", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
+				[]string{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
+				[]string{"ip", "addr", "del", "fd00::2/128", "dev", "lo"},
+			)
 			if code := d.stop(t); code != 0 {
 				t.Fatalf("exit code %d after SIGTERM, want 0", code)
 			}
@@ -85,14 +75,11 @@ func TestDaemonRepairsAndExits(t *testing.T) {
 // not managed. SIGQUIT is Go's: a dump of every goroutine and exit 2, with
 // everything left in place.
 func TestDaemonStopSignals(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 	args := func(backend string) []string {
 		return []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend}
 	}
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		for _, sig := range []syscall.Signal{syscall.SIGHUP, syscall.SIGINT} {
 			t.Run(backend+"/"+unix.SignalName(sig), func(t *testing.T) {
 				t.Parallel()

@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
 // dnatWarning is the start of the daemon's warning about the broken setup.
@@ -20,12 +18,9 @@ const dnatWarning = "WARNING: connections DNATed into our address fail"
 // interval; with the ClusterIP intercepted, and without --setup-iptables
 // (the DNATed connection tracked and answered), there is none.
 func TestDNATWarning(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
 	const interval = time.Second
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		for _, fam := range families {
 			t.Run(backend+"/"+fam.name, func(t *testing.T) {
 				t.Parallel()

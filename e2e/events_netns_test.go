@@ -16,10 +16,7 @@ import (
 // TestEventsRepairWithoutWaitingForTheInterval runs the daemon with an hour
 // between syncs: every repair below can only come from kernel events.
 func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
 	h := ns.Handle(t)
@@ -76,10 +73,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 // TestLegacyRepairsAtTheInterval: the legacy backend sends no events, so
 // its rules are repaired by the next periodic sync.
 func TestLegacyRepairsAtTheInterval(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-legacy")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "200ms", "--unsafe-short-sync-interval", "-v", "2")
 	chainWhole := func() bool {
@@ -107,10 +101,7 @@ func TestLegacyRepairsAtTheInterval(t *testing.T) {
 // TestEventBurstCostsFewVerifications loads 5,000 foreign rules in 5
 // back-to-back transactions and counts the verifications they cause.
 func TestEventBurstCostsFewVerifications(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
 	eventually(t, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
@@ -169,10 +160,7 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 // TestSteadyStateSpawnsNothing counts, through a PATH shim, the iptables
 // programs the daemon runs over 50 short intervals on a converged node.
 func TestSteadyStateSpawnsNothing(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore")
 	ns := netnstest.New(t)
 	shims := newShims(t)
 	ran, logFile := shims.countRuns(t, "iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")

@@ -128,11 +128,8 @@ func (s *toolShims) set(t *testing.T, prog, mode string) {
 // A hung program is killed after --iptables-timeout, the shortest allowed
 // here (6s), so each hang case costs that long; they run for nft only.
 func TestFaultFailingTools(t *testing.T) {
-	netnstest.Require(t)
-	t.Parallel()
 	progs := []string{"iptables-nft", "iptables-nft-save", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"}
-	netnstest.RequireBinaries(t, progs...)
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, progs...)
 	for _, tc := range []struct {
 		backend, prog, mode string
 	}{
@@ -310,11 +307,8 @@ func runEnv(t *testing.T, ns *netnstest.NS, env []string, name string, args ...s
 // up and are retried; nothing is written, so nothing is duplicated, while
 // the lock is held; once it is released the rules converge.
 func TestFaultXtablesLockHeld(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
-	t.Parallel()
+	bin := e2eTest(t, "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
 	const hold = 10 * time.Second
-	bin := sidecarBinary(t)
 	ns := netnstest.New(t)
 	dir := t.TempDir()
 	lock := filepath.Join(dir, "xtables.lock")
@@ -550,10 +544,7 @@ func foreignSaved(t *testing.T, ns *netnstest.NS, env []string, backend, table s
 // once the storm is over. The storm lasts 30s with nft and 15s with
 // legacy, whose repairs wait for the next interval.
 func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore", "ip6tables-nft", "ip6tables-legacy")
 	for _, tc := range []struct {
 		backend string
 		storm   time.Duration

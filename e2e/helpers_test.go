@@ -122,6 +122,17 @@ func sidecarBinary(t testing.TB) string {
 	return build.bin
 }
 
+// e2eTest starts a test of the binary: it needs root and progs in PATH
+// (else it skips, or fails in CI; under -short it skips), runs in parallel
+// with the other tests, and gets the sidecar's binary.
+func e2eTest(t *testing.T, progs ...string) string {
+	t.Helper()
+	netnstest.Require(t)
+	netnstest.RequireBinaries(t, progs...)
+	t.Parallel()
+	return sidecarBinary(t)
+}
+
 // ---- Waiting ----
 
 // pollOption changes a poll: within, since.
@@ -142,20 +153,28 @@ func since(start time.Time) pollOption { return func(c *pollConfig) { c.start = 
 // eventually polls cond until it holds, failing the test once the deadline
 // (or within) has passed, and returns how long that took. It polls every
 // millisecond at first, so that what it measures is close to the event,
-// then every 10ms, and every 50ms after a second.
+// then every 10ms, and every 50ms after a second; a condition that takes
+// longer than that to evaluate waits as long again between polls.
 func eventually(t testing.TB, what string, cond func() bool, opts ...pollOption) time.Duration {
 	t.Helper()
 	c := pollConfig{within: deadline, start: time.Now()}
 	for _, o := range opts {
 		o(&c)
 	}
-	for !cond() {
+	for {
+		began := time.Now()
+		if cond() {
+			break
+		}
+		cost := time.Since(began)
 		took := time.Since(c.start)
 		if took > c.within {
 			t.Fatalf("%s: not within %s", what, c.within)
 		}
 		// The polling interval: fine while what is measured is short,
-		// coarser once it is not, since a condition may run programs.
+		// coarser once it is not, and never shorter than the condition
+		// took, which may run programs (iptables-save): many tests poll
+		// at once on a machine of two cores.
 		pause := time.Millisecond
 		switch {
 		case took > time.Second:
@@ -163,7 +182,7 @@ func eventually(t testing.TB, what string, cond func() bool, opts ...pollOption)
 		case took > 100*time.Millisecond:
 			pause = 10 * time.Millisecond
 		}
-		time.Sleep(pause)
+		time.Sleep(max(pause, cost))
 	}
 	return time.Since(c.start)
 }
@@ -263,6 +282,20 @@ func (d *daemon) startupSynced(t *testing.T) {
 	eventually(t, "the start-up sync logged", func() bool {
 		return strings.Contains(d.log(), `"Sync finished" trigger="startup"`)
 	})
+}
+
+// repairs applies each drift in ns (a program and its arguments) in turn,
+// and waits until the daemon has logged a repair after it and whole holds
+// again. The daemon may repair before the test looks: its log says it did.
+func (d *daemon) repairs(t *testing.T, ns *netnstest.NS, whole func() bool, drifts ...[]string) {
+	t.Helper()
+	for _, drift := range drifts {
+		repairs := strings.Count(d.log(), "Repaired")
+		ns.Run(t, drift[0], drift[1:]...)
+		eventually(t, strings.Join(drift, " ")+" repaired", func() bool {
+			return strings.Count(d.log(), "Repaired") > repairs && whole()
+		})
+	}
 }
 
 // stop sends SIGTERM and returns the exit code.
@@ -540,6 +573,31 @@ func wantIPv4State(t *testing.T, backend string) []string {
 func wholeCheck(t *testing.T, ns *netnstest.NS, backend string) func() bool {
 	want := wantState(t, backend)
 	return func() bool { return slices.Equal(ourState(t, ns, backend), want) }
+}
+
+// sampleState reads the node's state (readState of backend, both
+// families and our addresses) over and over, on a goroutine of its own,
+// and hands each reading to f with the time it was taken, until the
+// returned function is called; that returns once f has run for the last
+// time.
+func sampleState(ns *netnstest.NS, backend string, f func(st []string, err error, at time.Time)) (stop func()) {
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			st, err := readState(ns, saveProgs(backend), true)
+			f(st, err, time.Now())
+		}
+	})
+	return func() {
+		close(done)
+		wg.Wait()
+	}
 }
 
 // stateGroups splits a state as readState lists it by listing program and

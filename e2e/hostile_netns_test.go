@@ -69,13 +69,10 @@ func crashDrifts(backend string) [][]string {
 // Some kills land right after the start, during the first sync and its
 // write; the others after a drift, during its repair or right after.
 func TestCrashesConverge(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 	seed := hostileSeed(t)
 	t.Logf("seed %d (HOSTILE_SEED=%d replays the same choices of drifts and kill points)", seed, seed)
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			rng := rand.New(rand.NewPCG(seed, 0))
@@ -147,11 +144,8 @@ func TestCrashesConverge(t *testing.T) {
 // then the cleanup remove everything of ours and nothing else; a sampler
 // reading the node throughout must never see a table half-written.
 func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -199,28 +193,18 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 				bad     []string
 				errs    []error
 			)
-			stop := make(chan struct{})
-			var wg sync.WaitGroup
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
+			stopSampling := sampleState(ns, backend, func(st []string, err error, _ time.Time) {
+				mu.Lock()
+				defer mu.Unlock()
+				samples++
+				if err != nil {
+					errs = append(errs, err)
+				}
+				g := stateGroups(st)
+				for key := range wantGroups {
+					if !valid(key, g[key]) {
+						bad = append(bad, fmt.Sprintf("%s: %q", key, g[key]))
 					}
-					st, err := readState(ns, saveProgs(backend), true)
-					mu.Lock()
-					samples++
-					if err != nil {
-						errs = append(errs, err)
-					}
-					g := stateGroups(st)
-					for key := range wantGroups {
-						if !valid(key, g[key]) {
-							bad = append(bad, fmt.Sprintf("%s: %q", key, g[key]))
-						}
-					}
-					mu.Unlock()
 				}
 			})
 
@@ -253,8 +237,7 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 			case <-time.After(deadline):
 				t.Fatal("the sidecar did not exit after SIGTERM")
 			}
-			close(stop)
-			wg.Wait()
+			stopSampling()
 
 			if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 				t.Errorf("exit code %d, want 0", code)
@@ -309,11 +292,8 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 // When the old one exits with --cleanup the new one puts everything back;
 // when it exits without, nothing is ever missing.
 func TestOverlappingInstances(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
+	for _, backend := range backends {
 		for _, cleanup := range []bool{false, true} {
 			name := backend + "/old-exits-without-cleanup"
 			if cleanup {
@@ -388,30 +368,19 @@ func TestOverlappingInstances(t *testing.T) {
 					firstGap, lastGap   time.Time
 					errs                []error
 				)
-				stop := make(chan struct{})
-				var wg sync.WaitGroup
-				wg.Go(func() {
-					for {
-						select {
-						case <-stop:
-							return
-						default:
+				stopSampling := sampleState(ns, backend, func(st []string, err error, now time.Time) {
+					mu.Lock()
+					defer mu.Unlock()
+					samples++
+					switch {
+					case err != nil:
+						errs = append(errs, err)
+					case !slices.Equal(st, want):
+						incomplete++
+						if firstGap.IsZero() {
+							firstGap = now
 						}
-						st, err := readState(ns, saveProgs(backend), true)
-						now := time.Now()
-						mu.Lock()
-						samples++
-						switch {
-						case err != nil:
-							errs = append(errs, err)
-						case !slices.Equal(st, want):
-							incomplete++
-							if firstGap.IsZero() {
-								firstGap = now
-							}
-							lastGap = now
-						}
-						mu.Unlock()
+						lastGap = now
 					}
 				})
 				signalled := time.Now()
@@ -425,8 +394,7 @@ func TestOverlappingInstances(t *testing.T) {
 				}
 				// Keep sampling for a while after the exit: 20 syncs.
 				moreSyncs(20, cur)
-				close(stop)
-				wg.Wait()
+				stopSampling()
 				mu.Lock()
 				defer mu.Unlock()
 				if len(errs) > 0 {
@@ -513,11 +481,8 @@ func quiet(t *testing.T, d *daemon, what string) {
 // feed itself (its writes are events that trigger verifications), and
 // once the real listing is back it converges and writes no more.
 func TestUnexpectedListings(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash", "sed")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash", "sed")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -648,10 +613,7 @@ func logTimes(t *testing.T, log, what string) []time.Time {
 // other agents and operators do. Each change is repaired, or left alone
 // where repairing it would harm someone else, and the log says which.
 func TestHostileEnvironment(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
 
 	t.Run("address on another link", func(t *testing.T) {
 		t.Parallel()
@@ -773,7 +735,7 @@ func TestHostileEnvironment(t *testing.T) {
 		t.Logf("lo set down: up again with both addresses after %v (events; 1h interval)", took.Round(time.Millisecond))
 	})
 
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -874,10 +836,7 @@ func TestHostileEnvironment(t *testing.T) {
 // it converges. (The legacy backend sends no events: there every write
 // waits for the interval, see TestUnexpectedListings.)
 func TestRepairsThatDoNotStickAreHeldBack(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "ip6tables-nft", "bash", "sed")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore", "ip6tables-nft", "bash", "sed")
 	ns := netnstest.New(t)
 	sh := newShims(t)
 	logFile, writes := runLog(t)

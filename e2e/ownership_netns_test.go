@@ -15,11 +15,8 @@ import (
 // teardown run with the first, stale, address removes everything of ours
 // and says what it removed.
 func TestOwnershipAcrossAddressChanges(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -93,10 +90,7 @@ func TestOwnershipAcrossAddressChanges(t *testing.T) {
 // serves IPv4, warns about IPv6 and exits 0, so that an init container does
 // not crash-loop and take IPv4 down with it.
 func TestIPv6DisabledIsNamed(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "sysctl")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "sysctl")
 	ns := netnstest.New(t)
 	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
 
@@ -126,9 +120,7 @@ func TestIPv6DisabledIsNamed(t *testing.T) {
 // error naming IPVS, the proxy address is still served, and kube-ipvs0 keeps
 // its address through the run and a teardown.
 func TestIPVSHeldAddressIsNeverTouched(t *testing.T) {
-	netnstest.Require(t)
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t)
 	ns := netnstest.New(t)
 	addForeignLink(t, ns, "kube-ipvs0")
 	ns.Run(t, "ip", "addr", "add", "100.64.0.1/32", "dev", "kube-ipvs0")

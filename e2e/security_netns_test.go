@@ -103,10 +103,7 @@ exec REAL "$@"
 // CAP_NET_ADMIN dropped too, a one-shot run fails with a permission error
 // and exit code 1, and no crash.
 func TestLeastPrivilege(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, append([]string{"setpriv", "bash"}, iptablesPrograms...)...)
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, append([]string{"setpriv", "bash"}, iptablesPrograms...)...)
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
@@ -137,17 +134,11 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 
 			ipt := "iptables-" + backend
-			for _, drift := range [][]string{
-				{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
-				{ipt, "-w", "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
-				{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
-			} {
-				repairs := strings.Count(d.log(), "Repaired")
-				ns.Run(t, drift[0], drift[1:]...)
-				eventually(t, strings.Join(drift, " ")+" repaired", func() bool {
-					return strings.Count(d.log(), "Repaired") > repairs && whole()
-				})
-			}
+			d.repairs(t, ns, whole,
+				[]string{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
+				[]string{ipt, "-w", "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
+				[]string{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
+			)
 			if code := d.stop(t); code != 0 {
 				t.Errorf("exit code %d after SIGTERM, want 0", code)
 			}
@@ -205,10 +196,7 @@ var shells = []string{"sh", "bash", "dash", "ash", "busybox", "zsh", "ksh"}
 // each records its invocation. A one-shot run, the daemon repairing drift
 // and the teardown, with each backend, must run none of them.
 func TestNeverRunsAShell(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
@@ -255,17 +243,11 @@ func TestNeverRunsAShell(t *testing.T) {
 			}
 			d := startDaemonEnv(t, ns, env, bin, append(args, "--sync-interval", "200ms", "--unsafe-short-sync-interval")...)
 			ipt := "iptables-" + backend
-			for _, drift := range [][]string{
-				{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
-				{"ip6tables-" + backend, "-w", "-t", "raw", "-D", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
-				{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
-			} {
-				repairs := strings.Count(d.log(), "Repaired")
-				ns.Run(t, drift[0], drift[1:]...)
-				eventually(t, strings.Join(drift, " ")+" repaired", func() bool {
-					return strings.Count(d.log(), "Repaired") > repairs && whole()
-				})
-			}
+			d.repairs(t, ns, whole,
+				[]string{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
+				[]string{"ip6tables-" + backend, "-w", "-t", "raw", "-D", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
+				[]string{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
+			)
 			if code := d.stop(t); code != 0 {
 				t.Errorf("exit code %d after SIGTERM, want 0", code)
 			}
@@ -438,9 +420,7 @@ func procNetAddr(t *testing.T, s string) string {
 // TestHTTPListensOnlyWhereAsked: without the flags the daemon has no
 // listening socket at all; with them, exactly the two addresses asked for.
 func TestHTTPListensOnlyWhereAsked(t *testing.T) {
-	netnstest.Require(t)
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t)
 	for _, tc := range []struct {
 		name  string
 		flags []string
@@ -473,9 +453,7 @@ func TestHTTPListensOnlyWhereAsked(t *testing.T) {
 // each off (ReadHeaderTimeout) rather than hold it forever, and /healthz
 // must keep answering other clients meanwhile.
 func TestHealthSurvivesSlowloris(t *testing.T) {
-	netnstest.Require(t)
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t)
 	ns := netnstest.New(t)
 	const addr = "127.0.0.1:16911"
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--sync-interval", "1s", "--health-probe-bind-address", addr)

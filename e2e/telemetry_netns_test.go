@@ -15,10 +15,7 @@ import (
 // turns 503 with the reason while the address cannot be added and 200
 // again once it can, and SIGTERM stops it with exit code 0.
 func TestDaemonServesHealthAndMetrics(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "ip6tables-nft")
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t, "iptables-nft", "ip6tables-nft")
 	ns := netnstest.New(t)
 	// The namespace has a loopback of its own: fixed ports are free.
 	const health, metrics = "http://127.0.0.1:16911", "127.0.0.1:16910"
@@ -69,9 +66,7 @@ func TestDaemonServesHealthAndMetrics(t *testing.T) {
 // that does not share it: the sidecar must exit 1 naming the address,
 // before its first sync has touched anything.
 func TestDaemonExitsWhenItCannotListen(t *testing.T) {
-	netnstest.Require(t)
-	t.Parallel()
-	bin := sidecarBinary(t)
+	bin := e2eTest(t)
 	ns := netnstest.New(t)
 	var held net.Listener
 	if err := ns.Do(t, func() error {

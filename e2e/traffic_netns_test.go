@@ -27,11 +27,8 @@ import (
 // sidecar's rules meet a firewall in the same kernel subsystem, as on a
 // node.
 func TestTrafficNeedsTheRules(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
-	t.Parallel()
-	bin := sidecarBinary(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
+	for _, backend := range backends {
 		for _, fam := range families {
 			t.Run(backend+"/"+fam.name, func(t *testing.T) {
 				t.Parallel()
