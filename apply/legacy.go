@@ -17,17 +17,19 @@ import (
 // in-process (internal/xtables), where iptables-legacy-save would cost a
 // process per table.
 type legacyReader interface {
-	// read returns what table holds of the chains ours accepts, or says
-	// it does not recognise some rule (xtables.Table.Unrecognised).
-	read(f render.Family, table string, ours func(string) bool) (xtables.Table, error)
-	// info returns what IPT_SO_GET_INFO tells of table: microseconds, and
-	// different after any change that adds, deletes or resizes a rule. A
-	// table the kernel does not list has the zero TableInfo.
-	info(f render.Family, table string) (xtables.TableInfo, error)
+	// legacyRead returns what table holds of the chains ours accepts, or
+	// says it does not recognise some rule (xtables.Table.Unrecognised).
+	legacyRead(f render.Family, table string, ours func(string) bool) (xtables.Table, error)
+	// legacyInfo returns what IPT_SO_GET_INFO tells of table:
+	// microseconds, and different after any change that adds, deletes or
+	// resizes a rule. A table the kernel does not list has the zero
+	// TableInfo.
+	legacyInfo(f render.Family, table string) (xtables.TableInfo, error)
 }
 
-// xtablesReader is the legacyReader of a network namespace. Its sockets
-// are opened on first use and kept: they hold no table between reads.
+// xtablesReader reads the legacy tables of a network namespace for
+// hostNode. Its sockets are opened on first use and kept: they hold no
+// table between reads. It is not safe for concurrent use.
 type xtablesReader struct {
 	ns    netns.NsHandle
 	socks map[render.Family]*xtables.Socket

@@ -1,9 +1,9 @@
-package main
+package e2e
 
 import (
 	"fmt"
+	"net"
 	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,39 +14,10 @@ import (
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
-// repairDeadline bounds the wait for a repair in these tests. It is far
-// above the latencies they measure and log: the targets (50 ms for the
-// address, 250 ms for nft rules) are benchmark figures, not assertions
-// that would flake on a busy machine. What the tests assert is that the
-// repair comes from kernel events: the sync interval is an hour.
-const repairDeadline = 5 * time.Second
-
-// pollUntil polls cond every millisecond until it holds or repairDeadline
-// passes, and returns how long that took from start.
-func pollUntil(t *testing.T, start time.Time, what string, cond func() bool) time.Duration {
-	t.Helper()
-	return pollWithin(t, start, repairDeadline, what, cond)
-}
-
-// pollWithin polls cond every millisecond until it holds, failing the test
-// once within has passed since start, and returns how long that took.
-func pollWithin(t *testing.T, start time.Time, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(time.Millisecond) // polling interval
-	}
-	return time.Since(start)
-}
-
 // TestEventsRepairWithoutWaitingForTheInterval runs the daemon with an hour
 // between syncs: every repair below can only come from kernel events.
 func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
 	h := ns.Handle(t)
@@ -74,7 +45,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 		out, err := ns.RunErr("iptables-nft", "-t", "raw", "-S", "PREROUTING")
 		return err == nil && strings.Contains(out, "-A PREROUTING -j APISERVER-PROXY-PREROUTING")
 	}
-	pollUntil(t, time.Now(), "first sync", func() bool { return hasAddr() && chainWhole() && jumpThere() })
+	eventually(t, "first sync", func() bool { return hasAddr() && chainWhole() && jumpThere() })
 
 	for _, tc := range []struct {
 		name  string
@@ -82,7 +53,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 		whole func() bool
 	}{
 		{"address deleted", func() {
-			if err := h.AddrDel(lo, &netlink.Addr{IPNet: mustIPNet(t, "10.96.0.2/32")}); err != nil {
+			if err := h.AddrDel(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 96, 0, 2), Mask: net.CIDRMask(32, 32)}}); err != nil {
 				t.Fatal(err)
 			}
 		}, hasAddr},
@@ -91,8 +62,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 	} {
 		for i := range 3 {
 			tc.drift()
-			start := time.Now()
-			took := pollUntil(t, start, tc.name, tc.whole)
+			took := eventually(t, tc.name, tc.whole)
 			t.Logf("%s: repaired after %v (run %d)", tc.name, took.Round(100*time.Microsecond), i+1)
 		}
 	}
@@ -106,24 +76,21 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 // iptables sends no events, so every repair below comes from polling the
 // tables' info.
 func TestLegacyRepairsOnChange(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-legacy")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-legacy")
 	ns := netnstest.New(t)
 	ns.Run(t, "iptables-legacy", "-t", "filter", "-P", "INPUT", "DROP")
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "1h", "-v", "2")
-	chainWhole := func() bool {
-		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "APISERVER-PROXY-INPUT")
-		return err == nil && strings.Contains(out, "-j ACCEPT")
+	whole := func() bool {
+		chain, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "APISERVER-PROXY-INPUT")
+		if err != nil || !strings.Contains(chain, "-j ACCEPT") {
+			return false
+		}
+		input, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "INPUT")
+		return err == nil && strings.Count(input, "-A INPUT -j APISERVER-PROXY-INPUT") == 1
 	}
-	jumpThere := func() bool {
-		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "INPUT")
-		return err == nil && strings.Count(out, "-A INPUT -j APISERVER-PROXY-INPUT") == 1
-	}
-	whole := func() bool { return chainWhole() && jumpThere() }
-	pollUntil(t, time.Now(), "first sync", whole)
+	d.startupSynced(t)
+	eventually(t, "first sync", whole)
 	settle(t, d)
-
 	for _, tc := range []struct {
 		name string
 		args []string
@@ -136,12 +103,11 @@ func TestLegacyRepairsOnChange(t *testing.T) {
 		for i := range 5 {
 			logged := len(d.log())
 			ns.Run(t, "iptables-legacy", append([]string{"-w"}, tc.args...)...)
-			start := time.Now()
-			took = append(took, pollUntil(t, start, tc.name, whole))
+			took = append(took, eventually(t, tc.name, whole))
 			t.Logf("%s: repaired after %v (run %d)", tc.name, took[i].Round(100*time.Microsecond), i+1)
 			repaired := ""
-			eventually(t, 5*time.Second, "the repairing sync's log line", func() bool {
-				for line := range strings.SplitSeq(d.log()[logged:], "\n") {
+			eventually(t, "the repairing sync's log line", func() bool {
+				for line := range strings.SplitSeq(d.logSince(logged), "\n") {
 					if strings.Contains(line, "Sync finished") && !strings.Contains(line, "repairs=0") {
 						repaired = line
 						return true
@@ -169,8 +135,8 @@ func TestLegacyRepairsOnChange(t *testing.T) {
 func settle(t *testing.T, d *daemon) {
 	t.Helper()
 	last, lastChange := -1, time.Now()
-	eventually(t, 10*time.Second, "syncs settle", func() bool {
-		if n := strings.Count(d.log(), "Sync finished"); n != last {
+	eventually(t, "syncs settle", func() bool {
+		if n := d.syncsDone(); n != last {
 			last, lastChange = n, time.Now()
 		}
 		return time.Since(lastChange) > 300*time.Millisecond
@@ -180,17 +146,15 @@ func settle(t *testing.T, d *daemon) {
 // TestEventBurstCostsFewVerifications loads 5,000 foreign rules in 5
 // back-to-back transactions and counts the verifications they cause.
 func TestEventBurstCostsFewVerifications(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
-	eventually(t, 10*time.Second, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
+	eventually(t, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
 	// Let the first sync's own events settle: at least one verification
 	// follows (on the address or the nftables events, whichever came
 	// first), then the log goes quiet.
 	settled, settledAt := -1, time.Now()
-	eventually(t, 10*time.Second, "the verifications after the first write", func() bool {
+	eventually(t, "the verifications after the first write", func() bool {
 		if n := strings.Count(d.log(), "Sync finished"); n != settled {
 			settled, settledAt = n, time.Now()
 		}
@@ -218,7 +182,7 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 	// The burst's verifications end with one that finds nothing to do:
 	// wait for the log to go quiet for well over debounceMax.
 	last, lastChange := -1, time.Now()
-	eventually(t, 10*time.Second, "verifications settle", func() bool {
+	eventually(t, "verifications settle", func() bool {
 		if n := strings.Count(d.log(), "Sync finished"); n != last {
 			last, lastChange = n, time.Now()
 		}
@@ -243,9 +207,7 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 // with nft the unchanged generation, with legacy the unchanged tables'
 // info and the in-process read stand in for every program.
 func TestSteadyStateSpawnsNothing(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore")
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) { steadyStateSpawnsNothing(t, bin, backend) })
 	}
@@ -253,36 +215,17 @@ func TestSteadyStateSpawnsNothing(t *testing.T) {
 
 func steadyStateSpawnsNothing(t *testing.T, bin, backend string) {
 	ns := netnstest.New(t)
-	shims, logFile := t.TempDir(), filepath.Join(t.TempDir(), "ran")
-	for _, prog := range []string{"iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
-		real, err := lookPath(prog)
-		if err != nil {
-			t.Fatal(err)
-		}
-		script := fmt.Sprintf("#!/bin/bash\necho %s >> %s\nexec %s \"$@\"\n", prog, logFile, real)
-		if err := os.WriteFile(filepath.Join(shims, prog), []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ran := func() int {
-		b, err := os.ReadFile(logFile)
-		if os.IsNotExist(err) {
-			return 0
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.Count(string(b), "\n")
-	}
-	d := startDaemonEnv(t, ns, []string{"PATH=" + shims + ":" + os.Getenv("PATH")}, bin,
+	shims := newShims(t)
+	ran, logFile := shims.countRuns(t, "iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
+	d := startDaemonEnv(t, ns, []string{shims.pathFirst()}, bin,
 		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 	// Converged: the sync after the first write has read and recorded the
 	// generation; from then on nothing needs to run.
-	eventually(t, 10*time.Second, "converged", func() bool {
+	eventually(t, "converged", func() bool {
 		return strings.Count(d.log(), "Sync finished") >= 3 && ran() > 0
 	})
 	before, syncs := ran(), strings.Count(d.log(), `trigger="interval"`)
-	eventually(t, 30*time.Second, "50 more interval syncs", func() bool {
+	eventually(t, "50 more interval syncs", func() bool {
 		return strings.Count(d.log(), `trigger="interval"`) >= syncs+50
 	})
 	if n := ran() - before; n != 0 {
@@ -290,14 +233,4 @@ func steadyStateSpawnsNothing(t *testing.T, bin, backend string) {
 		t.Errorf("%d iptables programs ran over 50 idle syncs; all runs:\n%s", n, b)
 	}
 	t.Logf("%d iptables programs ran to converge, none over %d idle syncs", before, strings.Count(d.log(), `trigger="interval"`)-syncs)
-}
-
-func lookPath(prog string) (string, error) {
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		p := filepath.Join(dir, prog)
-		if fi, err := os.Stat(p); err == nil && !fi.IsDir() {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s not in PATH", prog)
 }
