@@ -164,7 +164,7 @@ func checkWalk(t *testing.T, got Table, err error) {
 // FuzzWalk: on any entries and any info, the walk returns an error or a
 // consistent answer, and never panics.
 func FuzzWalk(f *testing.F) {
-	for _, name := range []string{"ipv4-ours-raw", "ipv4-foreign-filter", "ipv6-drifted-filter", "ipv6-empty-raw"} {
+	for _, name := range []string{"ipv4-empty-raw", "ipv4-ours-filter", "ipv6-empty-filter"} { // small: large seeds slow the fuzzer to a crawl
 		rec := loadRecorded(f, name)
 		f.Add(rec.Family == IPv6, infoBytes(rec.Info), rec.Entries)
 	}
