@@ -22,6 +22,7 @@ type netlinkHandle interface {
 	LinkAdd(link netlink.Link) error
 	LinkDel(link netlink.Link) error
 	LinkSetUp(link netlink.Link) error
+	LinkSetAlias(link netlink.Link, alias string) error
 	// AddrList lists addresses with their protocol; link nil: all links.
 	AddrList(link netlink.Link, family int) ([]ifAddr, error)
 	// AddrAdd adds, or replaces, an address with the protocol proto.
@@ -54,13 +55,13 @@ const (
 	RepairLinkDeleted RepairKind = "link deleted"
 )
 
-// Object returns the kind of object the repair changed, "link" or
-// "address", for use as a metric label.
-func (k RepairKind) Object() string {
+// Object returns the kind of object the repair changed: ObjectLink or
+// ObjectAddress.
+func (k RepairKind) Object() Object {
 	if k == RepairLinkCreated || k == RepairLinkUp || k == RepairLinkDeleted {
-		return "link"
+		return ObjectLink
 	}
-	return "address"
+	return ObjectAddress
 }
 
 // Repair is one change Ensure made to converge.
@@ -75,7 +76,7 @@ type Repair struct {
 
 // String returns, for example, "address added 10.96.0.2/32 on lo".
 func (r Repair) String() string {
-	if r.Kind.Object() == "link" {
+	if r.Kind.Object() == ObjectLink {
 		return fmt.Sprintf("%s %s", r.Kind, r.Link)
 	}
 	return fmt.Sprintf("%s %s on %s", r.Kind, r.Prefix, r.Link)
@@ -260,13 +261,19 @@ func (a *Address) Ensure() (Repairs, error) {
 func (a *Address) ensureLink(repairs *Repairs) (netlink.Link, error) {
 	link, err := a.h.LinkByName(a.iface)
 	if isLinkNotFound(err) {
-		attrs := netlink.LinkAttrs{Name: a.iface, Alias: LinkAlias}
-		if err := a.h.LinkAdd(&netlink.Dummy{LinkAttrs: attrs}); err != nil {
+		if err := a.h.LinkAdd(&netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Name: a.iface}}); err != nil {
 			return nil, a.explain(fmt.Errorf("creating dummy link %s: %w", a.iface, err), netip.Prefix{})
 		}
 		a.created = true
 		*repairs = append(*repairs, Repair{Kind: RepairLinkCreated, Link: a.iface})
 		link, err = a.h.LinkByName(a.iface)
+		if err == nil {
+			// The alias tells a later run, and a teardown, that the link
+			// is ours (RTM_NEWLINK does not take one).
+			if err := a.h.LinkSetAlias(link, LinkAlias); err != nil {
+				return nil, a.explain(fmt.Errorf("marking dummy link %s as ours (alias %s): %w", a.iface, LinkAlias, err), netip.Prefix{})
+			}
+		}
 	}
 	if err != nil {
 		return nil, a.explain(fmt.Errorf("getting link %s: %w", a.iface, err), netip.Prefix{})

@@ -235,6 +235,35 @@ func TestAddressInNamespace(t *testing.T) {
 			},
 		},
 		{
+			name:  "a later process knows the link by its alias and deletes it at cleanup",
+			iface: "apsc0",
+			dummy: true,
+			run: func(t *testing.T, ns *netnstest.NS, a *Address) {
+				wantEnsure(t, a, created("apsc0")...)
+				if out := linkLine(t, ns, "apsc0"); !strings.Contains(out, "alias "+LinkAlias) {
+					t.Fatalf("the created link does not carry our alias:\n%s", out)
+				}
+				// Another process, as after a restart: it did not create the
+				// link, but the alias says it is ours.
+				later, err := NewAddressAt(ns.NetNS(t), "apsc0", []netip.Addr{netip.MustParseAddr("10.96.0.3")})
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer later.Close()
+				removed, err := later.Cleanup()
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := []string{"address removed 10.96.0.2/32 on apsc0", "address removed fd00::2/128 on apsc0", "link deleted apsc0"}
+				if diff := cmp.Diff(want, repairStrings(removed)); diff != "" {
+					t.Errorf("a later teardown with another address removed (-want +got):\n%s", diff)
+				}
+				if _, err := ns.RunErr("ip", "link", "show", "apsc0"); err == nil {
+					t.Errorf("apsc0 is still there after the later teardown")
+				}
+			},
+		},
+		{
 			name:  "addresses of ours on another link move to ours",
 			iface: "lo",
 			setup: func(t *testing.T, ns *netnstest.NS) {

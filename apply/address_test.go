@@ -155,7 +155,7 @@ func (f *fakeNetlink) LinkByIndex(index int) (netlink.Link, error) {
 }
 
 func (f *fakeNetlink) LinkAdd(link netlink.Link) error {
-	l := &fakeLink{name: link.Attrs().Name, kind: link.Type(), alias: link.Attrs().Alias}
+	l := &fakeLink{name: link.Attrs().Name, kind: link.Type()}
 	if err := f.record("LinkAdd", l, link.Type()); err != nil {
 		return err
 	}
@@ -177,6 +177,18 @@ func (f *fakeNetlink) LinkDel(link netlink.Link) error {
 	}
 	f.links = slices.DeleteFunc(f.links, func(x *fakeLink) bool { return x == l })
 	delete(f.addrs, l.index)
+	return nil
+}
+
+func (f *fakeNetlink) LinkSetAlias(link netlink.Link, alias string) error {
+	l, err := f.resolve(link)
+	if err != nil {
+		return err
+	}
+	if err := f.record("LinkSetAlias", l, alias); err != nil {
+		return err
+	}
+	l.alias = alias
 	return nil
 }
 
@@ -339,6 +351,7 @@ func TestAddressEnsure(t *testing.T) {
 			want:  []netip.Addr{addrV4},
 			wantCalls: []string{
 				"LinkAdd apiproxy0 dummy",
+				"LinkSetAlias apiproxy0 apiserver-proxy-sidecar",
 				"LinkSetUp apiproxy0",
 				"AddrAdd apiproxy0 10.96.0.2/32 scope=0 flags=0x0 proto=97",
 			},
@@ -727,11 +740,14 @@ func TestAddressClosedRefusesWork(t *testing.T) {
 }
 
 func TestRepairObjectLabelsLinkAndAddress(t *testing.T) {
-	for kind, want := range map[RepairKind]string{
-		RepairLinkCreated:    "link",
-		RepairLinkUp:         "link",
-		RepairAddressAdded:   "address",
-		RepairAddressRemoved: "address",
+	for kind, want := range map[RepairKind]Object{
+		RepairLinkCreated:    ObjectLink,
+		RepairLinkUp:         ObjectLink,
+		RepairLinkDeleted:    ObjectLink,
+		RepairAddressAdded:   ObjectAddress,
+		RepairAddressRemoved: ObjectAddress,
+		RepairAddressMarked:  ObjectAddress,
+		RepairStaleRemoved:   ObjectAddress,
 	} {
 		if got := kind.Object(); got != want {
 			t.Errorf("%q.Object() = %q, want %q", kind, got, want)

@@ -121,7 +121,7 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 	}
 	gen, genOK := r.readGeneration()
 	if genOK && !r.verifiedAt.IsZero() && gen == r.verifiedGen && time.Since(r.verifiedAt) < generationTrust {
-		r.observer.VerificationSkipped("generation_unchanged")
+		r.observer.VerificationSkipped(SkipGenerationUnchanged)
 		return nil, nil
 	}
 	r.verifiedAt = time.Time{}

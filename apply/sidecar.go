@@ -132,7 +132,7 @@ func (a scope) String() string {
 
 // verify syncs what sc names once.
 func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
-	s.observer.Verification(string(trigger))
+	s.observer.Verification(trigger)
 	res := SyncResult{Started: s.clock.Now()}
 	var repairs Repairs
 	if sc.address {
@@ -171,7 +171,7 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 				continue
 			}
 			klog.InfoS("Repaired rules", "family", r.Family(), "table", d.Table, "object", d.Object, "chain", d.Chain, "drift", d.What)
-			s.observer.Repaired(d.Object)
+			s.observer.Repaired(Object(d.Object))
 		}
 		drifted += len(drifts)
 		if err != nil {

@@ -9,23 +9,13 @@
 package telemetry
 
 import (
-	"context"
-	"errors"
-	"fmt"
-	"net"
-	"net/http"
 	"net/netip"
 	"runtime"
-	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"golang.org/x/sys/unix"
-	"k8s.io/klog/v2"
 	"k8s.io/utils/clock"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/apply"
@@ -39,22 +29,11 @@ const Namespace = "apiserver_proxy_sidecar"
 // sync intervals: room for a sync's bounded iptables calls.
 const LivenessSlack = time.Minute
 
-// The label values set up front, so that every series exists (at 0) from
-// the start: a rate or an alert needs no special case for "never happened".
-var (
-	syncResults = []string{"success", "failure"}
-	// repairedObjects are the objects apply.Observer.Repaired names.
-	repairedObjects = []string{"address", "link", "chain", "jump"}
-	// triggers are the values of apply.Trigger.
-	triggers = []string{
-		string(apply.TriggerInterval),
-		string(apply.TriggerAddress),
-		string(apply.TriggerLink),
-		string(apply.TriggerNFTables),
-		string(apply.TriggerStartup),
-	}
-	skipReasons = []string{"generation_unchanged"}
-)
+// syncResults are the values of syncs_total's result label, set up front
+// with the apply package's lists of objects, triggers and skip reasons, so
+// that every series exists (at 0) from the start: a rate or an alert needs
+// no special case for "never happened".
+var syncResults = []string{"success", "failure"}
 
 // Options configure a Telemetry.
 type Options struct {
@@ -178,7 +157,7 @@ func New(o Options) *Telemetry {
 	for _, vs := range []struct {
 		vec    *prometheus.CounterVec
 		values []string
-	}{{t.syncs, syncResults}, {t.repairs, repairedObjects}, {t.verifications, triggers}, {t.verificationsSkip, skipReasons}} {
+	}{{t.syncs, syncResults}, {t.repairs, labels(apply.Objects)}, {t.verifications, labels(apply.Triggers)}, {t.verificationsSkip, labels(apply.SkipReasons)}} {
 		for _, v := range vs.values {
 			vs.vec.WithLabelValues(v)
 		}
@@ -206,8 +185,17 @@ func (t *Telemetry) SyncFinished(r apply.SyncResult) {
 	t.lastSync, t.latest = now, r
 }
 
+// labels turns the apply package's typed values into label values.
+func labels[T ~string](values []T) []string {
+	out := make([]string, len(values))
+	for i, v := range values {
+		out[i] = string(v)
+	}
+	return out
+}
+
 // Repaired implements apply.Observer.
-func (t *Telemetry) Repaired(object string) { t.repairs.WithLabelValues(object).Inc() }
+func (t *Telemetry) Repaired(o apply.Object) { t.repairs.WithLabelValues(string(o)).Inc() }
 
 // RestoreRan implements apply.Observer.
 func (t *Telemetry) RestoreRan(f render.Family, err error) {
@@ -239,218 +227,20 @@ func (t *Telemetry) BackendChosen(f render.Family, b apply.Backend) {
 	t.backendInfo.WithLabelValues(family, string(b)).Set(1)
 }
 
-// Verification counts a sync that starts, by trigger: one of the
-// apply.Trigger values. It implements apply.Observer.
-func (t *Telemetry) Verification(trigger string) { t.verifications.WithLabelValues(trigger).Inc() }
+// Verification counts a sync that starts, by trigger. It implements
+// apply.Observer.
+func (t *Telemetry) Verification(trigger apply.Trigger) {
+	t.verifications.WithLabelValues(string(trigger)).Inc()
+}
 
 // VerificationSkipped counts a family's rules not read because nothing can
 // have changed; reason is "generation_unchanged". It implements
 // apply.Observer.
-func (t *Telemetry) VerificationSkipped(reason string) {
-	t.verificationsSkip.WithLabelValues(reason).Inc()
+func (t *Telemetry) VerificationSkipped(reason apply.SkipReason) {
+	t.verificationsSkip.WithLabelValues(string(reason)).Inc()
 }
 
 // UntrackedDNAT implements apply.Observer.
 func (t *Telemetry) UntrackedDNAT(original, to netip.AddrPort, n int) {
 	t.untrackedDNAT.WithLabelValues(original.String(), to.String()).Add(float64(n))
 }
-
-// Live reports whether the sync loop is alive: a sync finished, whatever
-// its result, less than 2*SyncInterval + LivenessSlack ago, or the process
-// started less than that ago. When not, the error says for how long.
-func (t *Telemetry) Live() error {
-	t.mu.Lock()
-	last := t.lastSync
-	t.mu.Unlock()
-	now := t.clock.Now()
-	if last.IsZero() {
-		if since := now.Sub(t.started); since >= t.liveness {
-			return fmt.Errorf("no sync has finished in the %s since start (limit %s)", since.Round(time.Second), t.liveness)
-		}
-		return nil
-	}
-	if since := now.Sub(last); since >= t.liveness {
-		return fmt.Errorf("the last sync finished %s ago (limit %s)", since.Round(time.Second), t.liveness)
-	}
-	return nil
-}
-
-// Ready returns nil once a sync has finished and while the latest one
-// succeeded, which means that the address, and the rules where they are
-// managed, were in place at its end. Otherwise it returns the reasons, one
-// line each.
-func (t *Telemetry) Ready() []string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.lastSync.IsZero() {
-		return []string{"no sync has finished yet"}
-	}
-	var reasons []string
-	for _, err := range []error{t.latest.Address, t.latest.Rules} {
-		if err == nil {
-			continue
-		}
-		errs := []error{err}
-		if j, ok := err.(interface{ Unwrap() []error }); ok {
-			errs = j.Unwrap() // the rules of each family, each on its own line
-		}
-		for _, e := range errs {
-			reasons = append(reasons, oneLine(e.Error()))
-		}
-	}
-	return reasons
-}
-
-// oneLine folds every run of white space, line breaks included (the
-// iptables programs' stderr has them), into one space.
-func oneLine(s string) string { return strings.Join(strings.Fields(s), " ") }
-
-// HealthHandler serves /healthz (Live) and /readyz (Ready): 200 and "ok",
-// or 500 (/healthz) or 503 (/readyz) with the reasons, as plain text.
-func (t *Telemetry) HealthHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := t.Live(); err != nil {
-			plain(w, http.StatusInternalServerError, []string{err.Error()})
-			return
-		}
-		plain(w, http.StatusOK, []string{"ok"})
-	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if reasons := t.Ready(); len(reasons) > 0 {
-			plain(w, http.StatusServiceUnavailable, reasons)
-			return
-		}
-		plain(w, http.StatusOK, []string{"ok"})
-	})
-	return mux
-}
-
-func plain(w http.ResponseWriter, code int, lines []string) {
-	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(code)
-	_, _ = fmt.Fprint(w, strings.Join(lines, "\n")+"\n")
-}
-
-// MetricsHandler serves /metrics from the registry.
-func (t *Telemetry) MetricsHandler() http.Handler {
-	mux := http.NewServeMux()
-	mux.Handle("GET /metrics", promhttp.HandlerFor(t.registry, promhttp.HandlerOpts{
-		Registry: t.registry, // counts its own errors there
-		ErrorLog: errorLog{},
-		Timeout:  metricsTimeout,
-	}))
-	return mux
-}
-
-// Server timeouts: the clients are the kubelet's probes and Prometheus, on
-// the node or near it.
-const (
-	readHeaderTimeout = 5 * time.Second
-	readTimeout       = 10 * time.Second
-	writeTimeout      = 30 * time.Second
-	idleTimeout       = 60 * time.Second
-	maxHeaderBytes    = 16 << 10
-	metricsTimeout    = 20 * time.Second // below writeTimeout
-)
-
-// Listeners are the HTTP servers Start started.
-type Listeners struct {
-	servers         []*http.Server
-	health, metrics net.Addr
-	wg              sync.WaitGroup
-}
-
-// Start listens on healthAddr (for /healthz and /readyz) and metricsAddr
-// (for /metrics), each only if it is neither "" nor "0", and serves them in
-// the background until Shutdown. It listens before it returns: an address
-// that cannot be listened on is its error, and nothing is left listening.
-// The two addresses must not share a port.
-//
-// The listeners set SO_REUSEPORT: on a rolling update of a host-network
-// DaemonSet the new pod listens next to the old one on the same port, as
-// long as both set it, and the kernel spreads connections over both until
-// the old one stops (so a probe or a scrape may be answered by either). A
-// port held by a socket without SO_REUSEPORT, or by another user, is still
-// an error.
-func (t *Telemetry) Start(healthAddr, metricsAddr string) (*Listeners, error) {
-	l := &Listeners{}
-	for _, s := range []struct {
-		what, addr string
-		handler    http.Handler
-		bound      *net.Addr
-	}{{"health", healthAddr, t.HealthHandler(), &l.health}, {"metrics", metricsAddr, t.MetricsHandler(), &l.metrics}} {
-		if s.addr == "" || s.addr == "0" {
-			continue
-		}
-		ln, err := listen(s.addr)
-		if err != nil {
-			for _, srv := range l.servers {
-				_ = srv.Close()
-			}
-			l.wg.Wait()
-			return nil, fmt.Errorf("serving %s on %s: %w", s.what, s.addr, err)
-		}
-		srv := &http.Server{
-			Handler:           s.handler,
-			ReadHeaderTimeout: readHeaderTimeout,
-			ReadTimeout:       readTimeout,
-			WriteTimeout:      writeTimeout,
-			IdleTimeout:       idleTimeout,
-			MaxHeaderBytes:    maxHeaderBytes,
-			ErrorLog:          klog.NewStandardLogger("WARNING"),
-		}
-		l.servers = append(l.servers, srv)
-		*s.bound = ln.Addr()
-		l.wg.Go(func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				klog.ErrorS(err, "HTTP server stopped", "serving", s.what, "address", ln.Addr().String())
-			}
-		})
-	}
-	return l, nil
-}
-
-// listen listens on addr with SO_REUSEPORT.
-func listen(addr string) (net.Listener, error) {
-	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
-		var serr error
-		if err := c.Control(func(fd uintptr) {
-			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_REUSEPORT, 1)
-		}); err != nil {
-			return err
-		}
-		return serr
-	}}
-	return lc.Listen(context.Background(), "tcp", addr)
-}
-
-// HealthAddr is the address /healthz and /readyz are served on, nil when
-// they are not.
-func (l *Listeners) HealthAddr() net.Addr { return l.health }
-
-// MetricsAddr is the address /metrics is served on, nil when it is not.
-func (l *Listeners) MetricsAddr() net.Addr { return l.metrics }
-
-// Shutdown stops listening, lets requests in progress finish until ctx is
-// done, then closes what is left. It returns when every server has stopped.
-func (l *Listeners) Shutdown(ctx context.Context) error {
-	errs := make([]error, len(l.servers))
-	var wg sync.WaitGroup
-	for i, srv := range l.servers {
-		wg.Go(func() {
-			if err := srv.Shutdown(ctx); err != nil {
-				errs[i] = errors.Join(err, srv.Close())
-			}
-		})
-	}
-	wg.Wait()
-	l.wg.Wait()
-	return errors.Join(errs...)
-}
-
-// errorLog sends promhttp's errors to klog.
-type errorLog struct{}
-
-func (errorLog) Println(v ...any) { klog.ErrorS(errors.New(fmt.Sprint(v...)), "Serving metrics") }

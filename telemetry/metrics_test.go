@@ -225,13 +225,13 @@ func TestMetricsAfterSyncs(t *testing.T) {
 	const unit = 1953125 * time.Nanosecond
 
 	// Startup: both families on nft, everything put in place.
-	tel.Verification(string(apply.TriggerStartup))
+	tel.Verification(apply.TriggerStartup)
 	tel.BackendChosen(render.IPv4, apply.BackendNFT)
 	tel.BackendChosen(render.IPv6, apply.BackendNFT)
-	tel.Repaired("address")
+	tel.Repaired(apply.ObjectAddress)
 	for range 2 {
-		tel.Repaired("chain")
-		tel.Repaired("jump")
+		tel.Repaired(apply.ObjectChain)
+		tel.Repaired(apply.ObjectJump)
 		tel.RestoreRan(render.IPv4, nil)
 		tel.RestoreRan(render.IPv6, nil)
 	}
@@ -239,20 +239,20 @@ func TestMetricsAfterSyncs(t *testing.T) {
 
 	// An idle interval: the generation has not moved.
 	clk.SetTime(t0.Add(time.Minute))
-	tel.Verification(string(apply.TriggerInterval))
-	tel.VerificationSkipped("generation_unchanged")
-	tel.VerificationSkipped("generation_unchanged")
+	tel.Verification(apply.TriggerInterval)
+	tel.VerificationSkipped(apply.SkipGenerationUnchanged)
+	tel.VerificationSkipped(apply.SkipGenerationUnchanged)
 	tel.SyncFinished(apply.SyncResult{Duration: unit})
 
 	// A flushed chain; kube-proxy holds the lock for too long.
 	clk.SetTime(t0.Add(2 * time.Minute))
-	tel.Verification(string(apply.TriggerNFTables))
+	tel.Verification(apply.TriggerNFTables)
 	tel.RestoreRan(render.IPv4, lockHeld)
 	tel.SyncFinished(apply.SyncResult{Duration: 5500 * time.Millisecond, Rules: fmt.Errorf("IPv4 rules: %w", lockHeld)})
 
 	// The address is gone and cannot be added back; IPv6's restore fails.
 	clk.SetTime(t0.Add(2*time.Minute + 10*time.Second))
-	tel.Verification(string(apply.TriggerAddress))
+	tel.Verification(apply.TriggerAddress)
 	tel.RestoreRan(render.IPv6, errors.New("exit status 2"))
 	tel.SyncFinished(apply.SyncResult{Duration: 8 * unit, Address: errors.New("address: operation not permitted")})
 
@@ -375,7 +375,7 @@ func TestObserverIsSafeForConcurrentUse(t *testing.T) {
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		for i := range 100 {
-			tel.Verification(string(apply.TriggerInterval))
+			tel.Verification(apply.TriggerInterval)
 			tel.BackendChosen(render.IPv4, []apply.Backend{apply.BackendNFT, apply.BackendLegacy}[i%2])
 			tel.RestoreRan(render.IPv4, nil)
 			tel.SyncFinished(apply.SyncResult{Duration: time.Millisecond})
