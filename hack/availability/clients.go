@@ -339,3 +339,24 @@ func (h *harness) echoServer(ctx context.Context, ns *namespace, addrs ...netip.
 	}
 	return nil
 }
+
+// duringWrites says how many failed attempts of the paths through the
+// sidecar overlapped one of writes.
+func duringWrites(stats []pathStats, writes []span) string {
+	failed, during := 0, 0
+	for _, st := range stats[:len(stats)-1] {
+		for _, f := range st.failures {
+			failed++
+			for _, w := range writes {
+				if f.from.Before(w.to) && w.from.Before(f.to) {
+					during++
+					break
+				}
+			}
+		}
+	}
+	if failed == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; %d of the %d failed attempts overlapped a restore of the writer's", during, failed)
+}

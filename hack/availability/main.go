@@ -178,6 +178,7 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 				return nil, fmt.Errorf("%s, before %s: %w", backend, sc.Name, err)
 			}
 			n.clients.begin()
+			repairs0, errors0 := h.logCounts()
 			t0 := time.Now()
 			detail, err := sc.run(ctx, n, sc.Events)
 			if err == nil {
@@ -190,7 +191,12 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 				n.close()
 				return nil, fmt.Errorf("%s, %s: %w", backend, sc.Name, err)
 			}
-			r := result{Backend: backend, Scenario: sc, Detail: detail, Elapsed: time.Since(t0), PathNames: n.pathNames(), Paths: stats}
+			repairs1, errors1 := h.logCounts()
+			if sc.Kind == storm {
+				detail += duringWrites(stats, n.writes)
+			}
+			r := result{Backend: backend, Scenario: sc, Detail: detail, Elapsed: time.Since(t0), PathNames: n.pathNames(), Paths: stats,
+				Repairs: repairs1 - repairs0, Errors: errors1 - errors0}
 			logf("%s: %s: %s", backend, sc.Name, r.summary())
 			rep.Results = append(rep.Results, r)
 		}

@@ -27,6 +27,16 @@ type harness struct {
 	seq   int
 	names []string
 	procs map[*exec.Cmd]bool
+	// repairs and errors count, across every sidecar instance, the
+	// repairs and the errors they logged.
+	repairs, errors int
+}
+
+// logCounts returns the repairs and errors every sidecar logged so far.
+func (h *harness) logCounts() (repairs, errors int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.repairs, h.errors
 }
 
 func newHarness(env []string) *harness {
@@ -238,6 +248,18 @@ func (s *sidecar) read(r io.Reader) {
 		s.mu.Lock()
 		s.tail = append(s.tail[max(0, len(s.tail)-20):], line)
 		s.mu.Unlock()
+		repair := strings.Contains(line, `"Repaired `)
+		failure := strings.HasPrefix(line, "E")
+		if repair || failure {
+			s.h.mu.Lock()
+			if repair {
+				s.h.repairs++
+			}
+			if failure {
+				s.h.errors++
+			}
+			s.h.mu.Unlock()
+		}
 	}
 }
 

@@ -20,6 +20,9 @@ type result struct {
 	Elapsed   time.Duration
 	PathNames []string
 	Paths     []pathStats
+	// Repairs and Errors are what the sidecar's instances logged in the
+	// window.
+	Repairs, Errors int
 }
 
 // served are the stats of the paths through the sidecar: every path but
@@ -79,7 +82,7 @@ func (r result) stalled() string {
 }
 
 func (r result) summary() string {
-	s := fmt.Sprintf("%d attempted, %d failed, longest gap %s", r.attempted(), r.failed(), ms(r.maxGap()))
+	s := fmt.Sprintf("%d attempted, %d failed, longest gap %s; the sidecar logged %d repairs, %d errors", r.attempted(), r.failed(), ms(r.maxGap()), r.Repairs, r.Errors)
 	if e := r.firstErr(); e != "" {
 		s += "; first error: " + e
 	}
@@ -237,7 +240,7 @@ sidecar's: where it fails too, the machine stalled the measurement.
 	b.WriteString(rep.table())
 	b.WriteString("\n")
 	for _, r := range rep.Results {
-		var notes []string
+		notes := []string{fmt.Sprintf("the sidecar logged %d repairs and %d errors", r.Repairs, r.Errors)}
 		if r.Detail != "" {
 			notes = append(notes, r.Detail)
 		}
@@ -247,7 +250,7 @@ sidecar's: where it fails too, the machine stalled the measurement.
 		if e := r.firstErr(); e != "" {
 			notes = append(notes, "first error: "+e)
 		}
-		if len(notes) > 0 {
+		{
 			fmt.Fprintf(&b, "- %s, %s (%s): %s.\n", r.Backend, r.Scenario.Name, r.Elapsed.Round(100*time.Millisecond), strings.Join(notes, "; "))
 		}
 	}

@@ -56,7 +56,9 @@ type node struct {
 	baseFilter string
 	clients    *clients
 	sidecar    *sidecar
-	log        func(string, ...any)
+	// writes are the writer storm's restores, start to end.
+	writes []span
+	log    func(string, ...any)
 }
 
 func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
@@ -421,9 +423,11 @@ func writerStorm(ctx context.Context, n *node, _ int) (string, error) {
 	for time.Now().Before(end) {
 		started := time.Now()
 		for b := range stormBatches {
+			from := time.Now()
 			if _, err := n.h.run(ctx, n.ns, stormBatch(rounds, b), "iptables-"+n.backend+"-restore", "--noflush", "--wait=60"); err != nil {
 				return "", fmt.Errorf("the writer's round %d: %w", rounds, err)
 			}
+			n.writes = append(n.writes, span{from, time.Now()})
 		}
 		took += time.Since(started)
 		rounds++
