@@ -58,7 +58,9 @@ type node struct {
 	sidecar    *sidecar
 	// writes are the writer storm's restores, start to end.
 	writes []span
-	log    func(string, ...any)
+	// missingJumps counts the times deleteOurJump found no jump to delete.
+	missingJumps int
+	log          func(string, ...any)
 }
 
 func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
@@ -239,7 +241,14 @@ func scenarios(p plan) []scenario {
 			return rollingUpdate(ctx, n, events, true)
 		}},
 		{Name: "our filter chain flushed", Kind: external, Events: p.Faults, run: fault(flushOurChain)},
-		{Name: "our jump from INPUT deleted", Kind: external, Events: p.Faults, run: fault(deleteOurJump)},
+		{Name: "our jump from INPUT deleted", Kind: external, Events: p.Faults, run: func(ctx context.Context, n *node, events int) (string, error) {
+			before := n.missingJumps
+			detail, err := fault(deleteOurJump)(ctx, n, events)
+			if m := n.missingJumps - before; m > 0 {
+				detail = fmt.Sprintf("%d times the jump was found missing when it came to be deleted, every path reachable a moment before: the event was made again once they were", m)
+			}
+			return detail, err
+		}},
 		{Name: "`iptables -F INPUT`", Kind: external, Events: p.Faults, run: fault(flushInput)},
 		{Name: "filter table restored without `--noflush`", Kind: external, Events: p.Faults, run: fault(restoreFilter)},
 		{Name: "both addresses deleted", Kind: external, Events: p.Faults, run: fault(deleteAddresses)},
@@ -356,22 +365,32 @@ func flushOurChain(ctx context.Context, n *node) error {
 	return err
 }
 
-// deleteOurJump deletes the jump to our chain from INPUT, as listed.
+// deleteOurJump deletes the jump to our chain from INPUT, as listed. A
+// jump found missing, with every path reachable a moment before, is an
+// anomaly of its own: it is counted, and the event made again once the
+// paths are reachable.
 func deleteOurJump(ctx context.Context, n *node) error {
-	listing, err := n.ipt(ctx, "-t", "filter", "-S", "INPUT")
-	if err != nil {
-		return err
-	}
-	for _, line := range strings.Split(listing, "\n") {
-		f := strings.Fields(line)
-		if len(f) > 2 && f[0] == "-A" && f[len(f)-2] == "-j" && f[len(f)-1] == ourInputChain {
-			f[0] = "-D"
-			_, err := n.ipt(ctx, append([]string{"-t", "filter"}, f...)...)
+	for try := 0; ; try++ {
+		listing, err := n.ipt(ctx, "-t", "filter", "-S", "INPUT")
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(listing, "\n") {
+			f := strings.Fields(line)
+			if len(f) > 2 && f[0] == "-A" && f[len(f)-2] == "-j" && f[len(f)-1] == ourInputChain {
+				f[0] = "-D"
+				_, err := n.ipt(ctx, append([]string{"-t", "filter"}, f...)...)
+				return err
+			}
+		}
+		n.missingJumps++
+		if try == 2 {
+			return fmt.Errorf("no jump to %s in INPUT to delete, three times:\n%s\nthe sidecar's log ends:\n%s", ourInputChain, listing, n.sidecar.lastLog())
+		}
+		if err := n.clients.waitHealthy(ctx, time.Now(), recoverTimeout); err != nil {
 			return err
 		}
 	}
-	all, _ := n.h.run(ctx, n.ns, "", "iptables-"+n.backend+"-save")
-	return fmt.Errorf("no jump to %s in INPUT to delete:\n%s\n%s", ourInputChain, listing, all)
 }
 
 // flushInput flushes INPUT whole, then puts the node's own rules back,
