@@ -179,6 +179,7 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 			}
 			n.clients.begin()
 			repairs0, errors0 := h.logCounts()
+			changes0 := n.changes.Load()
 			t0 := time.Now()
 			detail, err := sc.run(ctx, n, sc.Events)
 			if err == nil {
@@ -196,7 +197,11 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 				detail += duringWrites(stats, n.writes)
 			}
 			r := result{Backend: backend, Scenario: sc, Detail: detail, Elapsed: time.Since(t0), PathNames: n.pathNames(), Paths: stats,
-				Repairs: repairs1 - repairs0, Errors: errors1 - errors0}
+				Repairs: repairs1 - repairs0, Errors: errors1 - errors0, Changes: -1}
+			if backend == "nft" {
+				// Rules and addresses both watched.
+				r.Changes = int(n.changes.Load() - changes0)
+			}
 			logf("%s: %s: %s", backend, sc.Name, r.summary())
 			rep.Results = append(rep.Results, r)
 		}

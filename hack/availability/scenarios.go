@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -60,7 +62,11 @@ type node struct {
 	writes []span
 	// missingJumps counts the times deleteOurJump found no jump to delete.
 	missingJumps int
-	log          func(string, ...any)
+	// changes counts the events `nft monitor` (nft backend only) and `ip
+	// monitor address` printed: every change to the ruleset and to the
+	// addresses, whoever made it.
+	changes atomic.Int64
+	log     func(string, ...any)
 }
 
 func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
@@ -93,6 +99,15 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log 
 	}
 	if n.pod, err = h.newNamespace(ctx); err != nil {
 		return nil, err
+	}
+	// IPv4 only: without IPv6, no link-local address appears on the veth
+	// seconds later, which `ip monitor address` would count as a change.
+	for _, ns := range []*namespace{n.ns, n.pod} {
+		for _, key := range []string{"net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"} {
+			if _, err := h.run(ctx, ns, "", "sysctl", "-q", "-w", key); err != nil {
+				return nil, err
+			}
+		}
 	}
 	steps := [][]string{
 		{"ip", "-n", n.ns.Name, "link", "add", "veth-node", "type", "veth", "peer", "name", "veth-pod", "netns", n.pod.Name},
@@ -131,6 +146,15 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log 
 	if n.sidecar, err = n.startSidecar(ctx, false); err != nil {
 		return nil, err
 	}
+	monitors := [][]string{{"ip", "monitor", "address"}}
+	if backend == "nft" {
+		monitors = append(monitors, []string{"nft", "monitor"})
+	}
+	for _, m := range monitors {
+		if err := n.monitor(ctx, m[0], m[1:]...); err != nil {
+			return nil, err
+		}
+	}
 	paths := []path{
 		{Name: "pod → proxy", from: n.pod, target: proxy},
 		{Name: "pod → ClusterIP", from: n.pod, target: cip},
@@ -145,6 +169,29 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log 
 		return nil, err
 	}
 	return n, nil
+}
+
+// monitor runs a program that prints a line per change in the node, and
+// counts the lines in n.changes. `ip monitor address` prints two lines for
+// each address: a change is any line that does not start with a space.
+func (n *node) monitor(ctx context.Context, name string, args ...string) error {
+	c := n.h.command(ctx, name, args...)
+	out, err := c.StdoutPipe()
+	if err != nil {
+		return err
+	}
+	if err := n.h.start(n.ns, c); err != nil {
+		return err
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if line := sc.Text(); line != "" && line[0] != ' ' && line[0] != '\t' {
+				n.changes.Add(1)
+			}
+		}
+	}()
+	return nil
 }
 
 // recoverTimeout bounds the wait for every path to work again after a
