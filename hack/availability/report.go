@@ -79,7 +79,9 @@ func (r result) maxGap() (g time.Duration) {
 // stalled says, where the control path failed too, that the machine
 // stalled the measurement itself.
 func (r result) stalled() string {
-	if c := r.control(); c.Failed > 0 {
+	if c := r.control(); c.Failed > 0 && r.Scenario.flushesControl {
+		return fmt.Sprintf(" (the node's own rules, the lo and control accepts among them, are gone until put back right after the flush: the control failed %d times, longest gap %s, and the node's paths wait for that too)", c.Failed, ms(c.MaxGap))
+	} else if c.Failed > 0 {
 		return fmt.Sprintf(" (the control failed %d times too, longest gap %s: the machine stalled the measurement)", c.Failed, ms(c.MaxGap))
 	}
 	return ""
@@ -128,7 +130,7 @@ func (r result) verdict() string {
 		if r.maxGap() <= t {
 			return "met: ≤ " + ms(t)
 		}
-		why := "see the note"
+		why := "see the note below the table"
 		if r.Backend == "legacy" && !strings.Contains(r.Scenario.Name, "address") {
 			why = "legacy rules are repaired at the next `--sync-interval` (" + legacySyncInterval.String() + " here): no change detection for legacy yet"
 		}

@@ -273,6 +273,9 @@ type scenario struct {
 	Name   string
 	Kind   kind
 	Events int
+	// flushesControl is set where the disruption removes, for a moment,
+	// the node's own rule the control goes through.
+	flushesControl bool
 	// run disrupts the node events times; the clients measure meanwhile.
 	run func(ctx context.Context, n *node, events int) (detail string, err error)
 }
@@ -296,7 +299,7 @@ func scenarios(p plan) []scenario {
 			}
 			return detail, err
 		}},
-		{Name: "`iptables -F INPUT`", Kind: external, Events: p.Faults, run: fault(flushInput)},
+		{Name: "`iptables -F INPUT`", Kind: external, Events: p.Faults, run: fault(flushInput), flushesControl: true},
 		{Name: "filter table restored without `--noflush`", Kind: external, Events: p.Faults, run: fault(restoreFilter)},
 		{Name: "both addresses deleted", Kind: external, Events: p.Faults, run: fault(deleteAddresses)},
 		{Name: "kube-proxy-shaped writer storm", Kind: storm, Events: 1, run: writerStorm},
