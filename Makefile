@@ -66,7 +66,7 @@ bench: build ## Benchmark against per-rule checks and iptables-save, write OUT (
 
 # availability runs as root in network namespaces of its own and writes
 # AVAILABILITY.md, the committed report. QUICK=1 runs the short form
-# (fewer repetitions, a shorter storm: under 2 minutes) and writes
+# (fewer repetitions, a shorter storm: about a minute) and writes
 # availability-quick.md (git-ignored) instead; AVAIL_OUT=FILE writes FILE.
 # It fails when a connection failed through a lifecycle event of the
 # sidecar (kill, restart, update without --cleanup); CI runs QUICK=1.

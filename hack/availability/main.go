@@ -66,7 +66,7 @@ func availabilityMain(args []string) int {
 	fs := flag.NewFlagSet("availability", flag.ContinueOnError)
 	bin := fs.String("bin", "./apiserver-proxy-sidecar", "the sidecar binary (make build)")
 	out := fs.String("out", "AVAILABILITY.md", "where to write the report")
-	short := fs.Bool("short", false, "fewer repetitions and a 6 s storm (about 2 minutes instead of 6)")
+	short := fs.Bool("short", false, "fewer repetitions and a 6 s storm (about 1 minute instead of 3)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this (to look into one)")
 	backends := fs.String("backends", "nft,legacy", "the iptables backends to run on, comma-separated")
 	if err := fs.Parse(args); err != nil {
