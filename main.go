@@ -123,7 +123,7 @@ const dryRunDetectTimeout = 5 * time.Second
 func backendComment(ctx context.Context, cfg config.Config, rulesets []*render.Ruleset, detect func(context.Context, render.Family) (apply.Detection, error)) []byte {
 	var b strings.Builder
 	for _, rs := range rulesets {
-		if cfg.Backend != string(apply.BackendAuto) {
+		if cfg.Backend != apply.BackendAuto {
 			fmt.Fprintf(&b, "# %s iptables backend: %s (set with --iptables-backend)\n", rs.Family, cfg.Backend)
 			continue
 		}
@@ -228,7 +228,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	if cfg.SetupIPTables {
 		ex := utilexec.New()
 		for _, rs := range rulesets {
-			r := apply.NewRules(ex, apply.Backend(cfg.Backend), rs, tel)
+			r := apply.NewRules(ex, cfg.Backend, rs, tel)
 			r.SetTimeout(cfg.IPTablesTimeout)
 			rules = append(rules, r)
 		}

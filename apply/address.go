@@ -548,13 +548,6 @@ func isLinkNotFound(err error) bool {
 	return errors.As(err, &nf)
 }
 
-func addrFamily(p netip.Prefix) int {
-	if p.Addr().Is4() {
-		return netlink.FAMILY_V4
-	}
-	return netlink.FAMILY_V6
-}
-
 // prefixOf returns the address and prefix length of x.
 func prefixOf(x netlink.Addr) (netip.Prefix, bool) {
 	if x.IPNet == nil {

@@ -5,12 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
 	"strings"
 
 	"github.com/vishvananda/netns"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -24,7 +25,7 @@ type Detection struct {
 // DetectBackend runs Detect with the programs ex runs and this host's
 // /proc. It only reads.
 func DetectBackend(ctx context.Context, ex utilexec.Interface, f render.Family) (Detection, error) {
-	return runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}}.Detect(ctx, f)
+	return runner{node: hostNode{exec: ex, nft: nfnl.Conn{NS: netns.None()}}, timeout: defaultTimeout}.Detect(ctx, f)
 }
 
 // hintChains are the chains kubelet (and kube-proxy's canary) create in
@@ -67,7 +68,7 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 			break
 		}
 		if found {
-			return Detection{BackendNFT, fmt.Sprintf("chain %s in mangle, seen with %s", chain, r.nftSource(f))}, nil
+			return Detection{BackendNFT, fmt.Sprintf("chain %s in mangle, seen with nfnetlink", chain)}, nil
 		}
 	}
 
@@ -77,12 +78,12 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 	}
 	note := ""
 	if len(tables) > 0 && r.lookPath(BackendLegacy, f) != nil {
-		note = fmt.Sprintf(" (legacy tables exist, but without %s they were not probed)", BackendLegacy.binary(f, toolSave))
+		note = fmt.Sprintf(" (legacy tables exist, but without %s they were not probed)", program(BackendLegacy, f, backend.Save))
 		tables = nil
 	}
 	legacyRules := 0
 	if tables != nil {
-		save := BackendLegacy.binary(f, toolSave)
+		save := program(BackendLegacy, f, backend.Save)
 		hint := ""
 		for _, t := range builtinChains {
 			if !tables[t.table] {
@@ -92,7 +93,7 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 			for _, c := range t.chains {
 				builtin[c] = true
 			}
-			err := r.run(ctx, nil, func(line string) {
+			err := r.run(ctx, nil, tableListing(t.table), func(line string) {
 				if name, ok := strings.CutPrefix(line, ":"); ok && t.table == "mangle" && hint == "" {
 					name, _, _ = strings.Cut(name, " ")
 					for _, h := range hintChains {
@@ -138,40 +139,15 @@ func (r runner) Detect(ctx context.Context, f render.Family) (Detection, error) 
 	return Detection{BackendNFT, fmt.Sprintf("no hint chain; %d nft rules against %d legacy rules in the built-in chains", nftRules, legacyRules)}, nil
 }
 
-// nftSource names what reads the nft backend's chains, for the log.
-func (r runner) nftSource(f render.Family) string {
-	if r.nft != nil {
-		return "nfnetlink"
-	}
-	return BackendNFT.binary(f, toolIPTables)
-}
-
-// nftHasChain reports whether chain exists in table of the nft backend:
-// in-process where it can, else with iptables-nft -S.
-func (r runner) nftHasChain(ctx context.Context, f render.Family, table, chain string) (bool, error) {
-	if r.nft != nil {
-		return r.nft.hasChain(f, table, chain)
-	}
-	err := r.run(ctx, nil, discard, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
-	if isChainNotFound(err) {
-		return false, nil
-	}
-	return err == nil, err
+// nftHasChain reports whether chain exists in table of the nft backend.
+func (r runner) nftHasChain(_ context.Context, f render.Family, table, chain string) (bool, error) {
+	return r.node.hasChain(f, table, chain)
 }
 
 // nftCountRules returns the number of rules in chain of table of the nft
-// backend: in-process where it can, else with iptables-nft -S.
-func (r runner) nftCountRules(ctx context.Context, f render.Family, table, chain string) (int, error) {
-	if r.nft != nil {
-		_, n, err := r.nft.jumps(f, table, chain)
-		return n, err
-	}
-	n := 0
-	err := r.run(ctx, nil, func(line string) {
-		if strings.HasPrefix(line, "-A ") {
-			n++
-		}
-	}, BackendNFT.binary(f, toolIPTables), "-t", table, "-S", chain)
+// backend.
+func (r runner) nftCountRules(_ context.Context, f render.Family, table, chain string) (int, error) {
+	_, n, err := r.node.jumps(f, table, chain)
 	return n, err
 }
 
@@ -183,11 +159,7 @@ func (r runner) legacyTables(f render.Family) (map[string]bool, error) {
 	if f == render.IPv6 {
 		name = "/proc/net/ip6_tables_names"
 	}
-	readFile := r.readFile
-	if readFile == nil {
-		readFile = os.ReadFile
-	}
-	b, err := readFile(name)
+	b, err := r.node.readFile(name)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil
 	}

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
@@ -13,7 +14,7 @@ import (
 // the ruleset's family.
 func oursInBackend(t *testing.T, ns *netnstest.NS, b Backend, rs *render.Ruleset) int {
 	t.Helper()
-	return strings.Count(ns.Run(t, b.binary(rs.Family, toolSave)), render.ChainPrefix)
+	return strings.Count(ns.Run(t, program(b, rs.Family, backend.Save)), render.ChainPrefix)
 }
 
 // TestBackendNetns runs Rules with each backend setting in namespaces set up
@@ -67,8 +68,8 @@ func TestBackendNetns(t *testing.T) {
 				if n := oursInBackend(t, ns, tc.want, rs); n == 0 {
 					t.Errorf("no rules of ours in %s", tc.want)
 				}
-				if n := oursInBackend(t, ns, tc.want.other(), rs); n != 0 {
-					t.Errorf("%d lines of ours in %s, the backend not chosen", n, tc.want.other())
+				if n := oursInBackend(t, ns, other(tc.want), rs); n != 0 {
+					t.Errorf("%d lines of ours in %s, the backend not chosen", n, other(tc.want))
 				}
 			})
 		}
@@ -85,10 +86,10 @@ func TestBackendNetnsRemovesLeftovers(t *testing.T) {
 			rs := ruleset(t, "10.96.0.2")
 			ctx := context.Background()
 			// An earlier run with the other backend.
-			if _, err := newNSRules(t, ns, newNSExec(ns), b.other(), rs).Sync(ctx); err != nil {
+			if _, err := newNSRules(t, ns, newNSExec(ns), other(b), rs).Sync(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if oursInBackend(t, ns, b.other(), rs) == 0 {
+			if oursInBackend(t, ns, other(b), rs) == 0 {
 				t.Fatal("the earlier run left nothing to remove")
 			}
 			if _, err := newNSRules(t, ns, newNSExec(ns), b, rs).Sync(ctx); err != nil {
@@ -97,8 +98,8 @@ func TestBackendNetnsRemovesLeftovers(t *testing.T) {
 			if n := oursInBackend(t, ns, b, rs); n == 0 {
 				t.Errorf("no rules of ours in %s", b)
 			}
-			if n := oursInBackend(t, ns, b.other(), rs); n != 0 {
-				t.Errorf("%d lines of ours left in %s", n, b.other())
+			if n := oursInBackend(t, ns, other(b), rs); n != 0 {
+				t.Errorf("%d lines of ours left in %s", n, other(b))
 			}
 		})
 	}

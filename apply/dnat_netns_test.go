@@ -18,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"golang.org/x/sys/unix"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/conntrack"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
@@ -116,7 +117,7 @@ func (n *dnatNode) family() render.Family { return render.FamilyOf(n.fam.proxy) 
 // ipt runs the node's iptables of the test's backend and family.
 func (n *dnatNode) ipt(t testing.TB, args ...string) {
 	t.Helper()
-	n.node.Run(t, n.backend.binary(n.family(), toolIPTables), args...)
+	n.node.Run(t, program(n.backend, n.family(), backend.IPTables), args...)
 }
 
 // loadRules loads the sidecar's rendered rules for our address with
@@ -127,7 +128,7 @@ func (n *dnatNode) loadRules(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := n.node.Command(n.backend.binary(rs.Family, toolRestore), "--noflush")
+	cmd := n.node.Command(program(n.backend, rs.Family, backend.Restore), "--noflush")
 	cmd.Stdin = bytes.NewReader(rs.Payload())
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("loading the rules for %s: %v: %s", n.fam.proxy, err, out)

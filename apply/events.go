@@ -2,7 +2,6 @@ package apply
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"maps"
@@ -230,43 +229,4 @@ func (w Watchers) watchNFTables(ctx context.Context, send func(Trigger)) error {
 			send(TriggerNFTables)
 		}
 	}
-}
-
-// nftables netlink constants (linux/netfilter/nfnetlink.h, nf_tables.h).
-const (
-	nfnlSubsysNFTables = 10
-	nftMsgGetGen       = 16
-	nftMsgNewGen       = 15
-	nftaGenID          = 1
-)
-
-// NFTGeneration returns the nftables ruleset generation of network
-// namespace ns (netns.None(): the current one). Every committed change to
-// any nftables table, iptables-nft's included, increments it, so an
-// unchanged generation means unchanged rules.
-func NFTGeneration(ns netns.NsHandle) (uint32, error) {
-	var gen uint32
-	found := false
-	err := nftRequest(ns, nftMsgGetGen, false, unix.AF_UNSPEC, func() {}, func(m nftMessage) error {
-		if m.typ != nftMsgNewGen {
-			return nil
-		}
-		attrs, err := nl.ParseRouteAttr(m.data)
-		if err != nil {
-			return fmt.Errorf("parsing the nftables generation: %w", err)
-		}
-		for _, a := range attrs {
-			if a.Attr.Type&^unix.NLA_F_NESTED == nftaGenID && len(a.Value) == 4 {
-				gen, found = binary.BigEndian.Uint32(a.Value), true
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return 0, fmt.Errorf("reading the nftables generation: %w", err)
-	}
-	if !found {
-		return 0, errors.New("reading the nftables generation: no generation id in the reply")
-	}
-	return gen, nil
 }

@@ -10,28 +10,6 @@ import (
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
-func TestNFTGenerationNetns(t *testing.T) {
-	netnstest.RequireBinaries(t, "iptables-nft")
-	ns := netnstest.New(t)
-	h := ns.NetNS(t)
-	g0, err := NFTGeneration(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ns.Run(t, "iptables-nft", "-t", "filter", "-S", "INPUT")
-	if g, err := NFTGeneration(h); err != nil || g != g0 {
-		t.Fatalf("after a listing: generation %d (error %v), want %d unchanged", g, err, g0)
-	}
-	ns.Run(t, "iptables-nft", "-A", "INPUT", "-j", "ACCEPT")
-	g1, err := NFTGeneration(h)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if g1 == g0 {
-		t.Fatalf("generation %d unchanged after a write", g1)
-	}
-}
-
 // TestWatchersNetns proves that each kind of change reaches the trigger
 // channel: our address removed, our link changed, an nftables commit.
 func TestWatchersNetns(t *testing.T) {

@@ -12,24 +12,23 @@ import (
 
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
-// Backend is an iptables backend, or BackendAuto. The binaries of each backend are called
-// by their own names (iptables-nft-restore, ip6tables-legacy-save, ...),
-// never through the iptables alternative, whose meaning depends on the image.
-type Backend string
+// Backend is an iptables backend, or BackendAuto (see internal/backend).
+type Backend = backend.Backend
 
 // The iptables backends.
 const (
-	BackendNFT    Backend = "nft"
-	BackendLegacy Backend = "legacy"
+	BackendNFT    = backend.NFT
+	BackendLegacy = backend.Legacy
 	// BackendAuto detects the backend the host uses (see Detect).
-	BackendAuto Backend = "auto"
+	BackendAuto = backend.Auto
 )
 
 // other returns the backend b is not.
-func (b Backend) other() Backend {
+func other(b Backend) Backend {
 	if b == BackendNFT {
 		return BackendLegacy
 	}
@@ -38,42 +37,29 @@ func (b Backend) other() Backend {
 
 // tools returns the programs the sidecar runs with backend b: per-chain
 // listings and restore with nft, save and restore with legacy.
-func (b Backend) tools() []tool {
+func tools(b Backend) []backend.Tool {
 	if b == BackendLegacy {
-		return []tool{toolSave, toolRestore}
+		return []backend.Tool{backend.Save, backend.Restore}
 	}
-	return []tool{toolIPTables, toolRestore}
+	return []backend.Tool{backend.IPTables, backend.Restore}
 }
 
 // lookPath returns an error naming the first program of backend b for
 // family f that is not in PATH.
 func (r runner) lookPath(b Backend, f render.Family) error {
-	for _, t := range b.tools() {
-		name := b.binary(f, t)
-		if _, err := r.exec.LookPath(name); err != nil {
+	for _, t := range tools(b) {
+		name := program(b, f, t)
+		if _, err := r.node.LookPath(name); err != nil {
 			return fmt.Errorf("iptables backend %s needs %s, which is not in PATH: %w", b, name, err)
 		}
 	}
 	return nil
 }
 
-// tool is one of the iptables programs.
-type tool string
-
-const (
-	toolIPTables tool = ""
-	toolRestore  tool = "-restore"
-	toolSave     tool = "-save"
-)
-
-// binary returns the name of t for family f in backend b, such as
-// "ip6tables-nft-restore". This is the one place binary names are made.
-func (b Backend) binary(f render.Family, t tool) string {
-	base := "iptables"
-	if f == render.IPv6 {
-		base = "ip6tables"
-	}
-	return base + "-" + string(b) + string(t)
+// program returns the name of t for family f in backend b, such as
+// "ip6tables-nft-restore" (made by backend.Binary).
+func program(b Backend, f render.Family, t backend.Tool) string {
+	return backend.Binary(b, f == render.IPv6, t)
 }
 
 // ToolError is a failed run of an iptables program. It carries the
@@ -122,43 +108,39 @@ func isChainNotFound(err error) bool {
 	return false
 }
 
-// runner runs iptables programs, each bounded by a timeout so that a hung
-// program is killed rather than stalling the sync loop.
+// runner runs iptables programs on a node, each bounded by a timeout so
+// that a hung program is killed rather than stalling the sync loop, and
+// reads the node's /proc and nfnetlink through the same node.
 type runner struct {
-	exec    utilexec.Interface
+	node    node
 	timeout time.Duration
-	// readFile reads /proc files; nil means os.ReadFile.
-	readFile func(name string) ([]byte, error)
-	// nft reads the nft backend's chains in-process; nil means with
-	// iptables-nft -S only.
-	nft nftReader
 }
 
 // defaultTimeout bounds each iptables program. Writes wait at most
-// lockWait for the xtables lock, reads take milliseconds; anything slower
-// than this is hung.
+// backend.LockWait for the xtables lock, reads take milliseconds; anything
+// slower than this is hung.
 const defaultTimeout = 30 * time.Second
 
 // run runs name with args, stdin (may be nil) and hands every line of its
 // stdout to line as it arrives, so that a long listing is never held in
-// memory as a whole.
-func (r runner) run(ctx context.Context, stdin []byte, line func(string), name string, args ...string) error {
-	return r.runKeep(ctx, stdin, nil, line, name, args...)
+// memory as a whole. An exit 0 whose output fails check is an error.
+func (r runner) run(ctx context.Context, stdin []byte, check outputCheck, line func(string), name string, args ...string) error {
+	return r.runKeep(ctx, stdin, check, nil, line, name, args...)
 }
 
 // runKeep is run where line wants only the lines keep (if not nil)
 // accepts: the others are looked at as bytes and never copied, which keeps
 // reading a legacy table of 50,000 rules cheap.
-func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) bool, line func(string), name string, args ...string) error {
+func (r runner) runKeep(ctx context.Context, stdin []byte, check outputCheck, keep func([]byte) bool, line func(string), name string, args ...string) error {
 	ctx, cancel := context.WithTimeout(ctx, r.timeout)
 	defer cancel()
-	cmd := r.exec.CommandContext(ctx, name, args...)
+	cmd := r.node.CommandContext(ctx, name, args...)
 	if stdin != nil {
 		cmd.SetStdin(bytes.NewReader(stdin))
 	}
-	check := listingOf(name, args)
+	seen := check.start()
 	lw := &lineWriter{fn: func(b []byte) {
-		check.see(b)
+		seen.see(b)
 		if keep == nil || keep(b) {
 			line(string(b))
 		}
@@ -185,7 +167,7 @@ func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) boo
 	}
 	lw.flush()
 	if err == nil {
-		if msg := check.lacking(); msg != "" {
+		if msg := seen.lacking(); msg != "" {
 			return &ToolError{Command: append([]string{name}, args...), ExitCode: 0, Stderr: stderr.String(), Err: errors.New(msg)}
 		}
 		return nil
@@ -201,16 +183,30 @@ func (r runner) runKeep(ctx context.Context, stdin []byte, keep func([]byte) boo
 	return te
 }
 
-// listing checks that the output of a listing that exited 0 is one: `-S
-// CHAIN` always prints "-P CHAIN POLICY" (built-in chain) or "-N CHAIN",
-// and `-save -t TABLE` prints "*TABLE" and "COMMIT". Output without them
-// comes from a broken or substituted program; taken for an empty chain or
-// table, it would make a sync rewrite what is in place and insert a
-// duplicate jump at every sync.
-type listing struct {
-	// chain is the chain of `-S CHAIN`, table the table of `-save -t
-	// TABLE`; both are empty for anything else, which is not checked.
+// outputCheck says what the output of a program that exited 0 must hold
+// to be believed. A listing always prints its header: `-S CHAIN` prints
+// "-P CHAIN POLICY" (built-in chain) or "-N CHAIN", and `-save -t TABLE`
+// prints "*TABLE" and "COMMIT". Output without them comes from a broken or
+// substituted program; taken for an empty chain or table, it would make a
+// sync rewrite what is in place and insert a duplicate jump at every sync.
+type outputCheck struct {
+	// chain is the chain of a `-S CHAIN` listing, table the table of a
+	// `-save -t TABLE`; both empty: the output is not checked.
 	chain, table string
+}
+
+// noCheck is the check of a program whose output is not a listing.
+var noCheck = outputCheck{}
+
+// chainListing is the check of `iptables -t TABLE -S chain`.
+func chainListing(chain string) outputCheck { return outputCheck{chain: chain} }
+
+// tableListing is the check of `iptables-save -t table`.
+func tableListing(table string) outputCheck { return outputCheck{table: table} }
+
+// listing follows one program's output for its check.
+type listing struct {
+	outputCheck
 	// The header lines that mark a listing: "-N CHAIN" and the prefix
 	// "-P CHAIN " for -S, "*TABLE" for -save.
 	newChain, policy, star []byte
@@ -220,17 +216,13 @@ type listing struct {
 	lines                  int
 }
 
-func listingOf(name string, args []string) *listing {
-	l := &listing{}
-	for i := 0; i+1 < len(args); i++ {
-		switch {
-		case args[i] == "-S":
-			l.chain = args[i+1]
-			l.newChain, l.policy = []byte("-N "+l.chain), []byte("-P "+l.chain+" ")
-		case args[i] == "-t" && strings.HasSuffix(name, string(toolSave)):
-			l.table = args[i+1]
-			l.star = []byte("*" + l.table)
-		}
+func (c outputCheck) start() *listing {
+	l := &listing{outputCheck: c}
+	if c.chain != "" {
+		l.newChain, l.policy = []byte("-N "+c.chain), []byte("-P "+c.chain+" ")
+	}
+	if c.table != "" {
+		l.star = []byte("*" + c.table)
 	}
 	return l
 }

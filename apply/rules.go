@@ -14,6 +14,8 @@ import (
 	"k8s.io/klog/v2"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -41,11 +43,9 @@ type Rules struct {
 	lockWait   time.Duration
 	observer   Observer
 
-	// generation reads the nftables ruleset generation; nil where it
-	// cannot be read. verifiedGen is the generation at the start of the
-	// last sync that found everything in place and wrote nothing, at
-	// verifiedAt; zero verifiedAt means there is none since the last write.
-	generation  func() (uint32, error)
+	// verifiedGen is the nftables generation at the start of the last sync
+	// that found everything in place and wrote nothing, at verifiedAt; zero
+	// verifiedAt means there is none since the last write.
 	verifiedGen uint32
 	verifiedAt  time.Time
 }
@@ -56,24 +56,21 @@ type Rules struct {
 // backend, say).
 const generationTrust = 10 * time.Minute
 
-// defaultLockWait is how long a write waits for the xtables lock (legacy
-// backend; nft ignores the lock) before it fails and is retried at the
-// next sync.
-const defaultLockWait = 5 * time.Second
-
 // NewRules returns Rules that keep rs in place with the programs of
-// backend (BackendAuto: detected by the first sync), run through ex. Every
+// backend b (BackendAuto: detected by the first sync), run through ex. Every
 // iptables-restore and the backend choice are reported to o.
-func NewRules(ex utilexec.Interface, backend Backend, rs *render.Ruleset, o Observer) *Rules {
+func NewRules(ex utilexec.Interface, b Backend, rs *render.Ruleset, o Observer) *Rules {
+	return rulesOn(hostNode{exec: ex, nft: nfnl.Conn{NS: netns.None()}}, b, rs, o)
+}
+
+// rulesOn returns Rules on node n.
+func rulesOn(n node, b Backend, rs *render.Ruleset, o Observer) *Rules {
 	return &Rules{
-		run:      runner{exec: ex, timeout: defaultTimeout, nft: nftables{ns: netns.None()}},
-		want:     backend,
+		run:      runner{node: n, timeout: defaultTimeout},
+		want:     b,
 		ruleset:  rs,
-		lockWait: defaultLockWait,
+		lockWait: backend.LockWait,
 		observer: o,
-		generation: func() (uint32, error) {
-			return NFTGeneration(netns.None())
-		},
 	}
 }
 
@@ -133,10 +130,16 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 	if !first && r.want == BackendAuto && noneOfOurs(states) {
 		// Whoever put our chains into the other backend (a previous run,
 		// an operator) may know that the host changed backends.
-		moved, err := r.oursIn(ctx, r.backend.other())
+		moved, err := r.oursIn(ctx, other(r.backend))
+		if err != nil {
+			// Not knowing is no reason to switch, nor to fail a sync that
+			// can still write our rules where they belong.
+			klog.InfoS("Cannot read the iptables backend not in use; keeping the one in use",
+				"family", r.ruleset.Family, "inUse", r.backend, "other", other(r.backend), "err", err)
+		}
 		if err == nil && moved {
 			klog.InfoS("Our chains are gone from the iptables backend in use but present in the other; detecting the backend again",
-				"family", r.ruleset.Family, "inUse", r.backend, "other", r.backend.other())
+				"family", r.ruleset.Family, "inUse", r.backend, "other", other(r.backend))
 			if err := r.choose(ctx); err != nil {
 				return nil, err
 			}
@@ -162,9 +165,9 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 	}
 	if !r.otherClean {
-		gone, err := r.cleanupIn(ctx, r.backend.other())
+		gone, err := r.cleanupIn(ctx, other(r.backend))
 		if err != nil {
-			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", r.backend.other(), err)
+			return drifts, fmt.Errorf("removing our rules from the %s backend: %w", other(r.backend), err)
 		}
 		for _, g := range gone {
 			klog.InfoS("Removed our rules from the iptables backend not in use", "family", r.ruleset.Family, "removed", g.String())
@@ -191,7 +194,7 @@ func (r *Rules) readBack(ctx context.Context) error {
 	started := time.Now()
 	states, err := r.readAll(ctx, r.backend)
 	if err != nil {
-		return fmt.Errorf("reading back after %s: %w", r.backend.binary(r.ruleset.Family, toolRestore), err)
+		return fmt.Errorf("reading back after %s: %w", program(r.backend, r.ruleset.Family, backend.Restore), err)
 	}
 	var still []string
 	for i, t := range r.ruleset.Tables {
@@ -202,7 +205,7 @@ func (r *Rules) readBack(ctx context.Context) error {
 	}
 	if len(still) > 0 {
 		return fmt.Errorf("rules still differ right after %s succeeded (it did not load them, or another writer changed them meanwhile): %s",
-			r.backend.binary(r.ruleset.Family, toolRestore), strings.Join(still, "; "))
+			program(r.backend, r.ruleset.Family, backend.Restore), strings.Join(still, "; "))
 	}
 	if genOK {
 		r.verifiedGen, r.verifiedAt = gen, started
@@ -213,10 +216,10 @@ func (r *Rules) readBack(ctx context.Context) error {
 // readGeneration returns the nftables generation when the backend in use
 // is nft and it can be read.
 func (r *Rules) readGeneration() (uint32, bool) {
-	if r.backend != BackendNFT || r.generation == nil {
+	if r.backend != BackendNFT {
 		return 0, false
 	}
-	gen, err := r.generation()
+	gen, err := r.run.node.generation()
 	if err != nil {
 		klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
 		return 0, false
@@ -377,38 +380,34 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		if err != nil || !tables[t.Name] {
 			return st, err
 		}
-		return st, r.run.runKeep(ctx, nil, keep, collect, b.binary(f, toolSave), "-t", t.Name)
+		return st, r.run.runKeep(ctx, nil, tableListing(t.Name), keep, collect, program(b, f, backend.Save), "-t", t.Name)
 	}
-	list := b.binary(f, toolIPTables)
+	list := program(b, f, backend.IPTables)
 	for _, c := range t.Chains {
-		if r.run.nft != nil {
-			known, err := r.readChainNFT(t, c, collect)
-			if err != nil {
-				return st, err
-			}
-			if known {
-				continue
-			}
+		known, err := r.readChainNFT(t, c, collect)
+		if err != nil {
+			return st, err
 		}
-		err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", c.Name)
+		if known {
+			continue
+		}
+		err = r.run.run(ctx, nil, chainListing(c.Name), collect, list, "-t", t.Name, "-S", c.Name)
 		if err != nil && !isChainNotFound(err) {
 			return st, err
 		}
 	}
 	for _, hook := range hooks(t) {
-		if r.run.nft != nil {
-			bare, err := r.bareJumps(t, hook)
-			if err != nil {
-				return st, err
-			}
-			if bare != nil {
-				for _, rule := range bare {
-					collect(rule)
-				}
-				continue
-			}
+		bare, err := r.bareJumps(t, hook)
+		if err != nil {
+			return st, err
 		}
-		if err := r.run.run(ctx, nil, collect, list, "-t", t.Name, "-S", hook); err != nil {
+		if bare != nil {
+			for _, rule := range bare {
+				collect(rule)
+			}
+			continue
+		}
+		if err := r.run.run(ctx, nil, chainListing(hook), collect, list, "-t", t.Name, "-S", hook); err != nil {
 			return st, err
 		}
 	}
@@ -422,12 +421,12 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 // iptables-nft can tell what the rules are then.
 func (r *Rules) readChainNFT(t render.Table, c render.Chain, collect func(string)) (bool, error) {
 	f := r.ruleset.Family
-	got, err := r.run.nft.exprs(f, t.Name, c.Name)
+	got, err := r.run.node.exprs(f, t.Name, c.Name)
 	if err != nil {
 		return false, err
 	}
 	if len(got) == 0 {
-		exists, err := r.run.nft.hasChain(f, t.Name, c.Name)
+		exists, err := r.run.node.hasChain(f, t.Name, c.Name)
 		if err != nil || !exists {
 			return !exists, err
 		}
@@ -460,7 +459,7 @@ func (r *Rules) bareJumps(t render.Table, hook string) ([]string, error) {
 	for _, c := range t.Chains {
 		ours[c.Name] = true
 	}
-	jumps, _, err := r.run.nft.jumps(r.ruleset.Family, t.Name, hook)
+	jumps, _, err := r.run.node.jumps(r.ruleset.Family, t.Name, hook)
 	if err != nil {
 		return nil, err
 	}
@@ -571,14 +570,15 @@ func repair(t render.Table, st tableState) ([]string, []Drift) {
 		add = append(add, c.Rules...)
 	}
 	for _, c := range t.Chains {
+		jump := ruleSpec{chain: c.Hook, spec: c.JumpSpec()}
 		n := 0
 		for _, rule := range st.refs[c.Hook] {
 			switch {
-			case rule == c.JumpRule():
+			case rule == jump.appendLine():
 				n++
 			case target(rule) == c.Name:
 				drifts = append(drifts, Drift{Table: t.Name, Object: "jump", Chain: c.Name, What: "unexpected rule " + strconv.Quote(rule)})
-				del = append(del, "-D"+strings.TrimPrefix(rule, "-A"))
+				del = append(del, listed(rule).deleteLine())
 			}
 		}
 		switch {
@@ -589,10 +589,10 @@ func repair(t render.Table, st tableState) ([]string, []Drift) {
 		default:
 			drifts = append(drifts, Drift{Table: t.Name, Object: "jump", Chain: c.Name, What: fmt.Sprintf("%d copies in %s", n, c.Hook)})
 			for range n {
-				del = append(del, "-D "+c.Hook+" "+c.JumpSpec())
+				del = append(del, jump.deleteLine())
 			}
 		}
-		ins = append(ins, "-I "+c.Hook+" "+c.JumpSpec())
+		ins = append(ins, jump.insertLine())
 	}
 	return block(t.Name, decl, del, add, ins), drifts
 }
@@ -612,11 +612,38 @@ func teardown(t render.Table, st tableState) ([]string, []Removal) {
 	}
 	for _, h := range hooks(t) {
 		for _, rule := range st.refs[h] {
-			del = append(del, "-D"+strings.TrimPrefix(rule, "-A"))
+			del = append(del, listed(rule).deleteLine())
 			removed = append(removed, Removal{Table: t.Name, Object: "jump", Chain: target(rule), Hook: h})
 		}
 	}
 	return block(t.Name, flush, del, drop), removed
+}
+
+// ruleSpec is one rule: the chain it is in and the rest of it, as
+// `iptables -S` prints it after the chain ("-j APISERVER-PROXY-INPUT").
+type ruleSpec struct {
+	chain, spec string
+}
+
+// listed returns the ruleSpec of a rule as `iptables -S` or iptables-save
+// lists it: "-A CHAIN SPEC".
+func listed(rule string) ruleSpec {
+	rest, _ := strings.CutPrefix(rule, "-A ")
+	chain, spec, _ := strings.Cut(rest, " ")
+	return ruleSpec{chain: chain, spec: spec}
+}
+
+// appendLine, insertLine and deleteLine return the restore line that
+// appends the rule to its chain, inserts it at the top, or deletes it.
+func (s ruleSpec) appendLine() string { return s.line("-A") }
+func (s ruleSpec) insertLine() string { return s.line("-I") }
+func (s ruleSpec) deleteLine() string { return s.line("-D") }
+
+func (s ruleSpec) line(op string) string {
+	if s.spec == "" {
+		return op + " " + s.chain
+	}
+	return op + " " + s.chain + " " + s.spec
 }
 
 // declare is the restore line that creates chain, or empties it if it
@@ -639,9 +666,9 @@ func block(table string, parts ...[]string) []string {
 // restore loads lines with one iptables-restore --noflush of backend b.
 func (r *Rules) restore(ctx context.Context, b Backend, lines []string) error {
 	payload := []byte(strings.Join(lines, "\n") + "\n")
-	name := b.binary(r.ruleset.Family, toolRestore)
+	name := program(b, r.ruleset.Family, backend.Restore)
 	wait := "--wait=" + strconv.Itoa(int(r.lockWait.Seconds()))
-	err := r.run.run(ctx, payload, discard, name, "--noflush", wait)
+	err := r.run.run(ctx, payload, noCheck, discard, name, "--noflush", wait)
 	r.observer.RestoreRan(r.ruleset.Family, err)
 	return err
 }

@@ -14,7 +14,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -50,18 +52,14 @@ func (e *nsExec) takeRan() []string {
 
 // newNSRules returns Rules that run programs and read /proc inside ns.
 func newNSRules(t *testing.T, ns *netnstest.NS, ex utilexec.Interface, b Backend, rs *render.Ruleset) *Rules {
-	r := NewRules(ex, b, rs, &Counts{})
-	h := ns.NetNS(t)
-	r.generation = func() (uint32, error) { return NFTGeneration(h) }
-	r.run.nft = nftables{ns: h}
-	r.run.readFile = func(name string) ([]byte, error) {
+	n := hostNode{exec: ex, nft: nfnl.Conn{NS: ns.NetNS(t)}, proc: func(name string) ([]byte, error) {
 		out, err := ns.RunErr("cat", name)
 		if err != nil && strings.Contains(err.Error(), "No such file") {
 			return nil, fs.ErrNotExist
 		}
 		return []byte(out), err
-	}
-	return r
+	}}
+	return rulesOn(n, b, rs, &Counts{})
 }
 
 type backendCase struct {
@@ -85,7 +83,7 @@ func (c backendCase) String() string { return fmt.Sprintf("%s/%s", c.backend, c.
 // to them, table by table, in the form render produces.
 func kernelRules(t *testing.T, ns *netnstest.NS, b Backend, rs *render.Ruleset) []string {
 	t.Helper()
-	bin := b.binary(rs.Family, toolIPTables)
+	bin := program(b, rs.Family, backend.IPTables)
 	var out []string
 	for _, tb := range rs.Tables {
 		for _, h := range hooks(tb) {
@@ -139,7 +137,7 @@ func TestRulesNetns(t *testing.T) {
 			rs := ruleset(t, tc.addr)
 			r := newNSRules(t, ns, ex, tc.backend, rs)
 			ctx := context.Background()
-			bin := tc.backend.binary(rs.Family, toolIPTables)
+			bin := program(tc.backend, rs.Family, backend.IPTables)
 
 			// Fresh apply: exactly the rendered rules, which proves the
 			// canonical form against this iptables.
@@ -224,16 +222,16 @@ func TestRulesNetnsForeignRulesUntouched(t *testing.T) {
 			rs := ruleset(t, tc.addr)
 			r := newNSRules(t, ns, newNSExec(ns), tc.backend, rs)
 			ctx := context.Background()
-			bin := tc.backend.binary(rs.Family, toolIPTables)
+			bin := program(tc.backend, rs.Family, backend.IPTables)
 
-			restore := ns.Command(tc.backend.binary(rs.Family, toolRestore), "--noflush")
+			restore := ns.Command(program(tc.backend, rs.Family, backend.Restore), "--noflush")
 			restore.Stdin = strings.NewReader(foreignRules(rs.Family, 1000))
 			if out, err := restore.CombinedOutput(); err != nil {
 				t.Fatalf("loading foreign rules: %v: %s", err, out)
 			}
 			foreign := func() string {
 				t.Helper()
-				return foreignState(t, ns, tc.backend.binary(rs.Family, toolSave))
+				return foreignState(t, ns, program(tc.backend, rs.Family, backend.Save))
 			}
 			before := foreign()
 			if n := strings.Count(before, "\n-A "); n != 1000 {

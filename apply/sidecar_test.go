@@ -14,14 +14,18 @@ func TestSidecarSyncRunsEveryPartAndJoinsErrors(t *testing.T) {
 	nl := newFake(t, nil)
 	nl.fail = map[string]error{"AddrAdd lo": errors.New("permission denied")}
 	address := NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")})
-	rules, stats := newRules(t, BackendNFT, ruleset(t, "10.96.0.2"), nil, converged()...)
+	rs := ruleset(t, "10.96.0.2")
+	node := newFakeNode(t).converged(BackendNFT, rs)
+	rules, stats := node.rules(BackendNFT, rs)
 	s := NewSidecar(address, []*Rules{rules}, stats)
 
 	err := s.Sync(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "address") || !strings.Contains(err.Error(), "permission denied") {
 		t.Fatalf("Sync error %v, want the address failure", err)
 	}
-	// fakeExec checks at cleanup that the rules were still read.
+	if node.nfnlReads == 0 {
+		t.Error("the rules were not read after the address failed")
+	}
 	if stats.SyncsFailed.Load() != 1 || stats.SyncsSucceeded.Load() != 0 {
 		t.Errorf("stats: %d failed, %d succeeded; want 1, 0", stats.SyncsFailed.Load(), stats.SyncsSucceeded.Load())
 	}
@@ -56,8 +60,9 @@ func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 func TestSidecarCleanupTriesEverything(t *testing.T) {
 	nl := newFake(t, nil, "lo 10.96.0.2/32")
 	rs := ruleset(t, "10.96.0.2")
-	calls := []call{{argv: "iptables-nft -t raw -S APISERVER-PROXY-PREROUTING", exit: 4, stderr: "Permission denied\n"}}
-	rules, stats := newRules(t, BackendNFT, rs, nil, calls...)
+	node := newFakeNode(t)
+	node.nfnlErr = errors.New("permission denied")
+	rules, stats := node.rules(BackendNFT, rs)
 	s := NewSidecar(NewAddress(nl, "lo", []netip.Addr{netip.MustParseAddr("10.96.0.2")}), []*Rules{rules}, stats)
 	_, err := s.Cleanup(context.Background())
 	if err == nil || !strings.Contains(err.Error(), "IPv4 rules") {

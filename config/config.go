@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/pflag"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -73,8 +74,7 @@ type Config struct {
 	Interface     string
 	SyncInterval  time.Duration
 	SetupIPTables bool
-	// Backend is "auto", "nft" or "legacy".
-	Backend string
+	Backend       backend.Backend
 	// IPTablesTimeout bounds each iptables program.
 	IPTablesTimeout time.Duration
 	Cleanup         bool
@@ -101,9 +101,9 @@ const MinSyncInterval = time.Second
 const unsafeShortSyncIntervalFlag = "unsafe-short-sync-interval"
 
 // MinIPTablesTimeout is the shortest --iptables-timeout: a write waits up
-// to 5s for the xtables lock (iptables-restore --wait=5), and a bound at or
-// below that would kill it while it waits.
-const MinIPTablesTimeout = 6 * time.Second
+// to backend.LockWait for the xtables lock (iptables-restore --wait), and a
+// bound at or below that would kill it while it waits.
+const MinIPTablesTimeout = backend.LockWait + time.Second
 
 // FlagError reports a flag whose value was refused.
 type FlagError struct {
@@ -136,13 +136,12 @@ func (f Flags) Validate() (Config, error) {
 	case f.SyncInterval < MinSyncInterval && !f.UnsafeShortSyncInterval:
 		return Config{}, flagError("sync-interval", f.SyncInterval.String(), fmt.Errorf("must be at least %s (a minute is 1m)", MinSyncInterval))
 	}
-	switch f.Backend {
-	case "auto", "nft", "legacy":
-	default:
-		return Config{}, flagError("iptables-backend", f.Backend, errors.New(`must be "auto", "nft" or "legacy"`))
+	b, err := backend.Parse(f.Backend)
+	if err != nil {
+		return Config{}, flagError("iptables-backend", f.Backend, err)
 	}
 	if f.IPTablesTimeout < MinIPTablesTimeout {
-		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to 5s for the xtables lock", MinIPTablesTimeout))
+		return Config{}, flagError("iptables-timeout", f.IPTablesTimeout.String(), fmt.Errorf("must be at least %s: a write waits up to %s for the xtables lock", MinIPTablesTimeout, backend.LockWait))
 	}
 	health, err := ParseBindAddress(f.HealthProbeBindAddress)
 	if err != nil {
@@ -163,7 +162,7 @@ func (f Flags) Validate() (Config, error) {
 		Interface:       f.Interface,
 		SyncInterval:    f.SyncInterval,
 		SetupIPTables:   f.SetupIPTables,
-		Backend:         f.Backend,
+		Backend:         b,
 		IPTablesTimeout: f.IPTablesTimeout,
 		Cleanup:         f.Cleanup,
 		Daemon:          f.Daemon,

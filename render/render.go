@@ -16,6 +16,7 @@ import (
 	"strings"
 	"text/template"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/templates"
 )
 
@@ -256,15 +257,8 @@ const ChainPrefix = "APISERVER-PROXY-"
 func Format(rulesets []*Ruleset) []byte {
 	var b bytes.Buffer
 	for _, rs := range rulesets {
-		fmt.Fprintf(&b, "# %s: %s --noflush\n", rs.Family, rs.Family.restoreCommand())
+		fmt.Fprintf(&b, "# %s: %s --noflush\n", rs.Family, backend.Binary("", rs.Family == IPv6, backend.Restore))
 		b.Write(rs.payload)
 	}
 	return b.Bytes()
-}
-
-func (f Family) restoreCommand() string {
-	if f == IPv6 {
-		return "ip6tables-restore"
-	}
-	return "iptables-restore"
 }

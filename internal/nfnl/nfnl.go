@@ -1,4 +1,9 @@
-package apply
+// Package nfnl reads what iptables-nft keeps in the kernel over nfnetlink
+// (NETLINK_NETFILTER, the nf_tables subsystem), in process: whether a chain
+// exists, the rules of a chain as their expressions or their verdicts, and
+// the ruleset generation. It encodes requests and decodes replies; it does
+// not decide what a rule means to its caller. It never logs.
+package nfnl
 
 import (
 	"encoding/binary"
@@ -8,32 +13,27 @@ import (
 	"github.com/vishvananda/netlink/nl"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
-
-	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
-// nftReader reads what the nft backend keeps in the kernel, in-process over
-// nfnetlink, where running `iptables-nft -S` would cost a process (about
-// 3 ms) per chain. It answers only questions whose answer does not depend
-// on how iptables-nft translates a rule into nftables expressions: whether
-// a chain exists, and which rules of a chain jump to which chains. The rules
-// inside our chains are still compared as text, listed by iptables-nft.
-type nftReader interface {
-	// hasChain reports whether chain exists in table (false, nil when the
-	// table does not exist either).
-	hasChain(f render.Family, table, chain string) (bool, error)
-	// jumps returns, in order, the rules of chain in table that end in a
-	// jump or goto, and how many rules the chain has in all; none when the
-	// table or chain does not exist.
-	jumps(f render.Family, table, chain string) (jumps []nftRule, total int, err error)
-	// exprs returns the expressions of each rule of chain in table, in
-	// order and in the canonical form of exprText; none when the table or
-	// chain does not exist.
-	exprs(f render.Family, table, chain string) ([][]string, error)
+// Proto is an nftables family: the one iptables-nft uses for IPv4 or for
+// IPv6.
+type Proto uint8
+
+// The families iptables-nft writes to.
+const (
+	IPv4 Proto = unix.NFPROTO_IPV4
+	IPv6 Proto = unix.NFPROTO_IPV6
+)
+
+// Conn reads the nftables ruleset of one network namespace. Each call opens
+// its own socket.
+type Conn struct {
+	// NS is the network namespace; netns.None() is the current one.
+	NS netns.NsHandle
 }
 
-// nftRule is what nftReader tells of one rule.
-type nftRule struct {
+// Rule is what Jumps tells of one rule.
+type Rule struct {
 	// Verdict is "jump" or "goto" when the rule ends in one, else "".
 	Verdict string
 	// Target is the chain a jump or goto leads to.
@@ -42,9 +42,6 @@ type nftRule struct {
 	// iptables-nft makes of "-A CHAIN -j TARGET".
 	Bare bool
 }
-
-// nftables is the nftReader of a network namespace.
-type nftables struct{ ns netns.NsHandle }
 
 // nftables netlink message types and attributes (linux/netfilter/nf_tables.h).
 const (
@@ -71,17 +68,11 @@ const (
 	nftGoto = -4 // NFT_GOTO
 )
 
-// nfproto is the nftables family iptables-nft uses for f.
-func nfproto(f render.Family) uint8 {
-	if f == render.IPv6 {
-		return unix.NFPROTO_IPV6
-	}
-	return unix.NFPROTO_IPV4
-}
-
-func (n nftables) hasChain(f render.Family, table, chain string) (bool, error) {
+// HasChain reports whether chain exists in table of family p (false, nil
+// when the table does not exist either).
+func (c Conn) HasChain(p Proto, table, chain string) (bool, error) {
 	found := false
-	err := nftRequest(n.ns, nftMsgGetChain, false, nfproto(f), func() { found = false }, func(m nftMessage) error {
+	err := request(c.NS, nftMsgGetChain, false, uint8(p), func() { found = false }, func(m message) error {
 		found = found || m.typ == nftMsgNewChain
 		return nil
 	}, nl.NewRtAttr(nftaChainTable, nl.ZeroTerminated(table)), nl.NewRtAttr(nftaChainName, nl.ZeroTerminated(chain)))
@@ -94,10 +85,13 @@ func (n nftables) hasChain(f render.Family, table, chain string) (bool, error) {
 	return found, nil
 }
 
-func (n nftables) jumps(f render.Family, table, chain string) (jumps []nftRule, total int, err error) {
+// Jumps returns, in order, the rules of chain in table of family p that end
+// in a jump or goto, and how many rules the chain has in all; none when the
+// table or chain does not exist.
+func (c Conn) Jumps(p Proto, table, chain string) (jumps []Rule, total int, err error) {
 	// Each reply is parsed as it arrives and only jumps are kept: a
 	// built-in chain may hold thousands of rules.
-	err = nftRequest(n.ns, nftMsgGetRule, true, nfproto(f), func() { jumps, total = nil, 0 }, func(m nftMessage) error {
+	err = request(c.NS, nftMsgGetRule, true, uint8(p), func() { jumps, total = nil, 0 }, func(m message) error {
 		if m.typ != nftMsgNewRule {
 			return nil
 		}
@@ -119,8 +113,11 @@ func (n nftables) jumps(f render.Family, table, chain string) (jumps []nftRule, 
 	return jumps, total, nil
 }
 
-func (n nftables) exprs(f render.Family, table, chain string) (rules [][]string, err error) {
-	err = nftRequest(n.ns, nftMsgGetRule, true, nfproto(f), func() { rules = nil }, func(m nftMessage) error {
+// Exprs returns the expressions of each rule of chain in table of family
+// p, in order and in the canonical form of ExprText; none when the table or
+// chain does not exist.
+func (c Conn) Exprs(p Proto, table, chain string) (rules [][]string, err error) {
+	err = request(c.NS, nftMsgGetRule, true, uint8(p), func() { rules = nil }, func(m message) error {
 		if m.typ != nftMsgNewRule {
 			return nil
 		}
@@ -140,7 +137,7 @@ func (n nftables) exprs(f render.Family, table, chain string) (rules [][]string,
 }
 
 // ruleExprs returns the expressions of one NFT_MSG_NEWRULE payload in the
-// form of exprText; ok is false for a rule of another table or chain.
+// form of ExprText; ok is false for a rule of another table or chain.
 func ruleExprs(b []byte, table, chain string) (exprs []string, ok bool, err error) {
 	elems, ok, err := ruleElems(b, table, chain)
 	if !ok || err != nil {
@@ -151,7 +148,7 @@ func ruleExprs(b []byte, table, chain string) (exprs []string, ok bool, err erro
 		if err != nil {
 			return nil, false, err
 		}
-		text, err := exprText(name, data)
+		text, err := ExprText(name, data)
 		if err != nil {
 			return nil, false, fmt.Errorf("expression %s: %w", name, err)
 		}
@@ -198,7 +195,7 @@ func ruleElems(b []byte, table, chain string) (elems [][]byte, ok bool, err erro
 
 // parseRule reads the verdict of one NFT_MSG_NEWRULE payload (after the
 // nfgenmsg header); ok is false for a rule of another table or chain.
-func parseRule(b []byte, table, chain string) (rule nftRule, ok bool, err error) {
+func parseRule(b []byte, table, chain string) (rule Rule, ok bool, err error) {
 	elems, ok, err := ruleElems(b, table, chain)
 	if !ok || err != nil {
 		return rule, ok, err
@@ -319,9 +316,9 @@ func (h nfnetlink) Serialize() []byte {
 	return []byte{h.family, 0 /* NFNETLINK_V0 */, 0, 0}
 }
 
-// nftMessage is one nftables reply: its type within the subsystem and its
+// message is one nftables reply: its type within the subsystem and its
 // attributes after the nfnetlink header.
-type nftMessage struct {
+type message struct {
 	typ  uint16
 	data []byte
 }
@@ -330,15 +327,15 @@ type nftMessage struct {
 // interrupted by a concurrent change is started again.
 const maxDumpRetries = 5
 
-// nftRequest sends one nftables request of type typ in network namespace
+// request sends one nftables request of type typ in network namespace
 // ns and hands each reply to handle as it arrives: one for a get, all of
 // them for a dump. A dump that a concurrent change interrupted is started
 // again, after reset. An error the kernel returns is returned as the
 // unix.Errno.
-func nftRequest(ns netns.NsHandle, typ uint16, dump bool, family uint8, reset func(), handle func(nftMessage) error, attrs ...nl.NetlinkRequestData) error {
+func request(ns netns.NsHandle, typ uint16, dump bool, family uint8, reset func(), handle func(message) error, attrs ...nl.NetlinkRequestData) error {
 	for range maxDumpRetries {
 		reset()
-		interrupted, err := nftRequestOnce(ns, typ, dump, family, handle, attrs)
+		interrupted, err := requestOnce(ns, typ, dump, family, handle, attrs)
 		if err != nil || !interrupted {
 			return err
 		}
@@ -346,7 +343,7 @@ func nftRequest(ns netns.NsHandle, typ uint16, dump bool, family uint8, reset fu
 	return errors.New("the ruleset kept changing during the dump")
 }
 
-func nftRequestOnce(ns netns.NsHandle, typ uint16, dump bool, family uint8, handle func(nftMessage) error, attrs []nl.NetlinkRequestData) (interrupted bool, err error) {
+func requestOnce(ns netns.NsHandle, typ uint16, dump bool, family uint8, handle func(message) error, attrs []nl.NetlinkRequestData) (interrupted bool, err error) {
 	s, err := nl.GetNetlinkSocketAt(ns, netns.None(), unix.NETLINK_NETFILTER)
 	if err != nil {
 		return false, fmt.Errorf("opening nfnetlink socket: %w", err)
@@ -394,7 +391,7 @@ func nftRequestOnce(ns netns.NsHandle, typ uint16, dump bool, family uint8, hand
 			if m.Header.Type>>8 != nfnlSubsysNFTables || len(m.Data) < 4 {
 				continue
 			}
-			if err := handle(nftMessage{typ: m.Header.Type & 0xff, data: m.Data[4:]}); err != nil {
+			if err := handle(message{typ: m.Header.Type & 0xff, data: m.Data[4:]}); err != nil {
 				return false, err
 			}
 			if !dump {
@@ -402,4 +399,43 @@ func nftRequestOnce(ns netns.NsHandle, typ uint16, dump bool, family uint8, hand
 			}
 		}
 	}
+}
+
+// nftables netlink constants (linux/netfilter/nfnetlink.h, nf_tables.h).
+const (
+	nfnlSubsysNFTables = 10
+	nftMsgGetGen       = 16
+	nftMsgNewGen       = 15
+	nftaGenID          = 1
+)
+
+// Generation returns the nftables ruleset generation of c's network
+// namespace. Every committed change to
+// any nftables table, iptables-nft's included, increments it, so an
+// unchanged generation means unchanged rules.
+func (c Conn) Generation() (uint32, error) {
+	var gen uint32
+	found := false
+	err := request(c.NS, nftMsgGetGen, false, unix.AF_UNSPEC, func() {}, func(m message) error {
+		if m.typ != nftMsgNewGen {
+			return nil
+		}
+		attrs, err := nl.ParseRouteAttr(m.data)
+		if err != nil {
+			return fmt.Errorf("parsing the nftables generation: %w", err)
+		}
+		for _, a := range attrs {
+			if a.Attr.Type&^unix.NLA_F_NESTED == nftaGenID && len(a.Value) == 4 {
+				gen, found = binary.BigEndian.Uint32(a.Value), true
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, fmt.Errorf("reading the nftables generation: %w", err)
+	}
+	if !found {
+		return 0, errors.New("reading the nftables generation: no generation id in the reply")
+	}
+	return gen, nil
 }
