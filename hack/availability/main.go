@@ -25,6 +25,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 )
 
 const notRootMsg = "make availability needs root: it creates network namespaces (run: sudo make availability)"
@@ -81,13 +83,19 @@ func availabilityMain(args []string) int {
 		return 2
 	}
 	var missing []string
-	for _, name := range []string{"ip", "iptables-nft", "iptables-nft-save", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
+	programs := []string{"ip", "nft", "sysctl"}
+	for _, b := range []backend.Backend{backend.NFT, backend.Legacy} {
+		for _, t := range []backend.Tool{backend.IPTables, backend.Save, backend.Restore} {
+			programs = append(programs, backend.Binary(b, false, t))
+		}
+	}
+	for _, name := range programs {
 		if _, err := exec.LookPath(name); err != nil {
 			missing = append(missing, name)
 		}
 	}
 	if len(missing) > 0 {
-		fmt.Fprintf(os.Stderr, "availability: missing from PATH: %s (apt-get install -y iptables iproute2)\n", strings.Join(missing, ", "))
+		fmt.Fprintf(os.Stderr, "availability: missing from PATH: %s (apt-get install -y iptables nftables iproute2 procps)\n", strings.Join(missing, ", "))
 		return 2
 	}
 	binPath, err := filepath.Abs(*bin)
@@ -159,23 +167,23 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 		fmt.Fprintf(os.Stderr, "[%5.1fs] "+format+"\n", append([]any{time.Since(started).Seconds()}, args...)...)
 	}
 	rep := &report{Plan: p, Started: started, LoadStart: loadAvg(), Machine: machine(ctx, bin)}
-	for _, backend := range p.Backends {
-		logf("%s: building the node", backend)
-		n, err := h.newNode(ctx, p, bin, backend, logf)
+	for _, bk := range p.Backends {
+		logf("%s: building the node", bk)
+		n, err := h.newNode(ctx, p, bin, bk, logf)
 		if err != nil {
 			if n != nil {
 				n.close()
 			}
-			return nil, fmt.Errorf("%s: %w", backend, err)
+			return nil, fmt.Errorf("%s: %w", bk, err)
 		}
 		for _, sc := range scenarios(p) {
 			if !strings.Contains(sc.Name, p.Only) {
 				continue
 			}
-			logf("%s: %s (%d)", backend, sc.Name, sc.Events)
+			logf("%s: %s (%d)", bk, sc.Name, sc.Events)
 			if err := n.clients.waitHealthy(ctx, time.Now(), recoverTimeout); err != nil {
 				n.close()
-				return nil, fmt.Errorf("%s, before %s: %w", backend, sc.Name, err)
+				return nil, fmt.Errorf("%s, before %s: %w", bk, sc.Name, err)
 			}
 			n.clients.begin()
 			repairs0, errors0 := h.logCounts()
@@ -190,19 +198,19 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 			stats := n.clients.end()
 			if err != nil {
 				n.close()
-				return nil, fmt.Errorf("%s, %s: %w", backend, sc.Name, err)
+				return nil, fmt.Errorf("%s, %s: %w", bk, sc.Name, err)
 			}
 			repairs1, errors1 := h.logCounts()
 			if sc.Kind == storm {
 				detail += duringWrites(stats, n.writes)
 			}
-			r := result{Backend: backend, Scenario: sc, Detail: detail, Elapsed: time.Since(t0), PathNames: n.pathNames(), Paths: stats,
+			r := result{Backend: bk, Scenario: sc, Detail: detail, Elapsed: time.Since(t0), PathNames: n.pathNames(), Paths: stats,
 				Repairs: repairs1 - repairs0, Errors: errors1 - errors0, Changes: -1}
-			if backend == "nft" {
+			if bk == "nft" {
 				// Rules and addresses both watched.
 				r.Changes = int(n.changes.Load() - changes0)
 			}
-			logf("%s: %s: %s", backend, sc.Name, r.summary())
+			logf("%s: %s: %s", bk, sc.Name, r.summary())
 			rep.Results = append(rep.Results, r)
 		}
 		n.close()

@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 )
 
 // The node: a "node" namespace running the sidecar, with kube-proxy's
@@ -69,8 +71,13 @@ type node struct {
 	log     func(string, ...any)
 }
 
+// program is the name of backend's program t for IPv4.
+func (n *node) program(t backend.Tool) string {
+	return backend.Binary(backend.Backend(n.backend), false, t)
+}
+
 func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
-	return n.h.run(ctx, n.ns, "", "iptables-"+n.backend, args...)
+	return n.h.run(ctx, n.ns, "", n.program(backend.IPTables), args...)
 }
 
 // sidecarArgs is the daemon's command line on this backend.
@@ -91,8 +98,8 @@ const legacySyncInterval = time.Second
 
 // newNode builds backend's node, starts the sidecar and the clients, and
 // returns once every path is reachable.
-func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log func(string, ...any)) (*node, error) {
-	n := &node{h: h, plan: p, bin: bin, backend: backend, log: log}
+func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, log func(string, ...any)) (*node, error) {
+	n := &node{h: h, plan: p, bin: bin, backend: backendName, log: log}
 	var err error
 	if n.ns, err = h.newNamespace(ctx); err != nil {
 		return nil, err
@@ -131,10 +138,10 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log 
 			return nil, err
 		}
 	}
-	if n.baseFilter, err = n.h.run(ctx, n.ns, "", "iptables-"+backend+"-save", "-t", "filter"); err != nil {
+	if n.baseFilter, err = n.h.run(ctx, n.ns, "", n.program(backend.Save), "-t", "filter"); err != nil {
 		return nil, err
 	}
-	if _, err := n.h.run(ctx, n.ns, kubeProxyRules(), "iptables-"+backend+"-restore", "--noflush"); err != nil {
+	if _, err := n.h.run(ctx, n.ns, kubeProxyRules(), n.program(backend.Restore), "--noflush"); err != nil {
 		return nil, fmt.Errorf("loading kube-proxy's rules: %w", err)
 	}
 	proxy := netip.AddrPortFrom(netip.MustParseAddr(proxyAddr), port)
@@ -147,7 +154,7 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backend string, log 
 		return nil, err
 	}
 	monitors := [][]string{{"ip", "monitor", "address"}}
-	if backend == "nft" {
+	if backendName == "nft" {
 		monitors = append(monitors, []string{"nft", "monitor"})
 	}
 	for _, m := range monitors {
@@ -462,7 +469,7 @@ func flushInput(ctx context.Context, n *node) error {
 // restoreFilter replaces the filter table with the node's saved base
 // rules, as a firewalld reload or netfilter-persistent does.
 func restoreFilter(ctx context.Context, n *node) error {
-	_, err := n.h.run(ctx, n.ns, n.baseFilter, "iptables-"+n.backend+"-restore")
+	_, err := n.h.run(ctx, n.ns, n.baseFilter, n.program(backend.Restore))
 	return err
 }
 
@@ -493,7 +500,7 @@ func writerStorm(ctx context.Context, n *node, _ int) (string, error) {
 		started := time.Now()
 		for b := range stormBatches {
 			from := time.Now()
-			if _, err := n.h.run(ctx, n.ns, stormBatch(rounds, b), "iptables-"+n.backend+"-restore", "--noflush", "--wait=60"); err != nil {
+			if _, err := n.h.run(ctx, n.ns, stormBatch(rounds, b), n.program(backend.Restore), "--noflush", "--wait=60"); err != nil {
 				return "", fmt.Errorf("the writer's round %d: %w", rounds, err)
 			}
 			n.writes = append(n.writes, span{from, time.Now()})
