@@ -1,6 +1,7 @@
 package main
 
 import (
+	"strings"
 	"testing"
 	"time"
 )
@@ -41,5 +42,33 @@ func TestMarkStalls(t *testing.T) {
 	r := result{Scenario: scenario{Kind: lifecycle}, PathNames: []string{"a", "b", "control"}, Paths: stats}
 	if got := r.failed() - r.inStall(); got != 2 {
 		t.Errorf("failures outside stalls = %d, want 2", got)
+	}
+}
+
+func TestVerdictExternal(t *testing.T) {
+	served := pathStats{Failed: 3, MaxGap: 180 * time.Millisecond}
+	for _, tc := range []struct {
+		name           string
+		backend        string
+		controlGap     time.Duration
+		flushesControl bool
+		want           string
+	}{
+		{"nft, quiet machine", "nft", 20 * time.Millisecond, false, "**missed**"},
+		{"nft, the control stalled too", "nft", 170 * time.Millisecond, false, "not measured"},
+		{"nft, the fault flushes the control's rule", "nft", 170 * time.Millisecond, true, "**missed**"},
+		{"legacy, met", "legacy", 20 * time.Millisecond, false, "met"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := result{
+				Backend:   tc.backend,
+				Scenario:  scenario{Kind: external, flushesControl: tc.flushesControl},
+				PathNames: []string{"a", "control"},
+				Paths:     []pathStats{served, {MaxGap: tc.controlGap}},
+			}
+			if got := r.verdict(); !strings.HasPrefix(got, tc.want) {
+				t.Errorf("verdict = %q, want it to start with %q", got, tc.want)
+			}
+		})
 	}
 }
