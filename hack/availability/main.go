@@ -83,7 +83,7 @@ func availabilityMain(args []string) int {
 		return 2
 	}
 	var missing []string
-	programs := []string{"ip", "nft", "sysctl"}
+	programs := []string{"ip", "nft"}
 	for _, b := range []backend.Backend{backend.NFT, backend.Legacy} {
 		for _, t := range []backend.Tool{backend.IPTables, backend.Save, backend.Restore} {
 			programs = append(programs, backend.Binary(b, false, t))
@@ -95,7 +95,7 @@ func availabilityMain(args []string) int {
 		}
 	}
 	if len(missing) > 0 {
-		fmt.Fprintf(os.Stderr, "availability: missing from PATH: %s (apt-get install -y iptables nftables iproute2 procps)\n", strings.Join(missing, ", "))
+		fmt.Fprintf(os.Stderr, "availability: missing from PATH: %s (apt-get install -y iptables nftables iproute2)\n", strings.Join(missing, ", "))
 		return 2
 	}
 	binPath, err := filepath.Abs(*bin)

@@ -107,17 +107,13 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, 
 	if n.pod, err = h.newNamespace(ctx); err != nil {
 		return nil, err
 	}
-	// IPv4 only: without IPv6, no link-local address appears on the veth
-	// seconds later, which `ip monitor address` would count as a change.
-	for _, ns := range []*namespace{n.ns, n.pod} {
-		for _, key := range []string{"net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1"} {
-			if _, err := h.run(ctx, ns, "", "sysctl", "-q", "-w", key); err != nil {
-				return nil, err
-			}
-		}
-	}
 	steps := [][]string{
 		{"ip", "-n", n.ns.Name, "link", "add", "veth-node", "type", "veth", "peer", "name", "veth-pod", "netns", n.pod.Name},
+		// IPv4 only: no link-local address appears on the veth a few
+		// seconds later, which `ip monitor address` would count as a
+		// change.
+		{"ip", "-n", n.ns.Name, "link", "set", "veth-node", "addrgenmode", "none"},
+		{"ip", "-n", n.pod.Name, "link", "set", "veth-pod", "addrgenmode", "none"},
 		{"ip", "-n", n.ns.Name, "link", "set", "veth-node", "up"},
 		{"ip", "-n", n.pod.Name, "link", "set", "veth-pod", "up"},
 		{"ip", "-n", n.ns.Name, "addr", "add", nodeVeth, "dev", "veth-node"},
