@@ -16,7 +16,7 @@ KUSTOMIZE   ?= sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
 PROMTOOL    ?= promtool
 
 .DEFAULT_GOAL := help
-.PHONY: help build test golden fuzz demo bench availability image manifests alerts verify clean soak
+.PHONY: help build test test-short golden fuzz demo bench availability image manifests alerts verify clean soak
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z0-9-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -24,11 +24,11 @@ help: ## List the targets
 build: ## Build the static binary ./apiserver-proxy-sidecar
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w -X main.version=$(VERSION)" -o $(BINARY) .
 
-# The network-namespace tests run when root (they skip with a message
-# otherwise, and fail instead of skipping when CI=true). deploy/ is a module
-# of its own: `go test ./...` at the top does not enter it. The root
-# package's tests alone have taken 7 minutes on a busy 2-core machine: go
-# test's default timeout of 10 minutes leaves too little room.
+# The network-namespace tests (e2e/, and the root tests of apply/ and the
+# other packages) run when root (they skip with a message otherwise, and
+# fail instead of skipping when CI=true). deploy/ is a module of its own:
+# `go test ./...` at the top does not enter it. On a machine busy with
+# other work go test's default timeout of 10 minutes leaves too little room.
 TEST_TIMEOUT ?= 30m
 
 test: ## gofmt, go vet and every test (race detector; as root also in network namespaces), deploy/ too
@@ -37,6 +37,9 @@ test: ## gofmt, go vet and every test (race detector; as root also in network na
 	cd deploy && $(GO) vet ./...
 	$(GO) test -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 	cd deploy && $(GO) test -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+test-short: ## The fast tests only (go test -short: every network-namespace test skips), no root needed, in seconds
+	$(GO) test -short -count=1 ./...
 
 golden: ## Rewrite golden/ from the templates (review the diff like code)
 	$(GO) test ./render -run TestGolden -update
@@ -48,7 +51,7 @@ fuzz: ## Fuzz validation and rendering, and the conntrack decoder, for FUZZTIME 
 # TestSoak runs only when SOAK_DURATION is set. The test timeout is the
 # duration plus 5m: Go adds up a duration such as "10m5m".
 soak: ## Soak the race-built daemon under random drift for SOAK_DURATION (default 10m; root)
-	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -race -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_DURATION)5m .
+	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -race -count=1 -v -run '^TestSoak$$' -timeout $(SOAK_DURATION)5m ./e2e/
 
 demo: ## Run the sidecar in a throwaway network namespace (root)
 	GO="$(GO)" hack/demo.sh

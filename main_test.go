@@ -216,6 +216,9 @@ func TestVersion(t *testing.T) {
 // checks that --version reports the version the build was given: the
 // variable the Makefile and the Dockerfile stamp (-X main.version) exists.
 func TestVersionStampedByMakeBuild(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipping: builds the binary with make build (-short runs only the fast tests)")
+	}
 	if _, err := exec.LookPath("make"); err != nil {
 		t.Skip("make is not installed")
 	}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"syscall"
@@ -15,6 +14,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
 // harness owns every namespace and every process it creates, so that it
@@ -142,70 +143,25 @@ func (h *harness) command(ctx context.Context, name string, args ...string) *exe
 
 // start starts c inside ns. The child is forked from an OS thread switched
 // into the namespace, so it starts there with no program in between: ours
-// and the baselines are all started this way.
+// and the baselines are all started this way. Should the thread fail to
+// switch back, the child, started with Pdeathsig, would end with it: the
+// error says so.
 func (h *harness) start(ns *namespace, c *exec.Cmd) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
+	return netnstest.DoIn(ns.handle, func() error {
+		if err := c.Start(); err != nil {
+			return err
 		}
-		defer orig.Close()
-		if err := netns.Set(ns.handle); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace %s: %w", ns.Name, err)
-			return
-		}
-		serr := c.Start()
-		if serr == nil {
-			h.mu.Lock()
-			h.procs[c] = true
-			h.mu.Unlock()
-		}
-		if err := netns.Set(orig); err != nil {
-			// The thread stays locked and ends with this goroutine. The
-			// child was started with Pdeathsig, so it would end too:
-			// report the failure.
-			errc <- errors.Join(serr, fmt.Errorf("leaving network namespace %s: %w", ns.Name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- serr
-	}()
-	return <-errc
+		h.mu.Lock()
+		h.procs[c] = true
+		h.mu.Unlock()
+		return nil
+	})
 }
 
 // inNamespace runs f on an OS thread switched into ns and returns f's
-// error. Sockets f opens stay in ns after the thread switches back. If the
-// thread cannot switch back it stays locked, and ends with its goroutine.
+// error. Sockets f opens stay in ns after the thread switches back.
 func (h *harness) inNamespace(ns *namespace, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns.handle); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace %s: %w", ns.Name, err)
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace %s: %w", ns.Name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	return netnstest.DoIn(ns.handle, f)
 }
 
 // run runs name with args inside ns, feeding stdin, and returns its stdout.

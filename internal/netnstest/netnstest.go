@@ -7,7 +7,8 @@
 //
 // The tests need root. Without root they are skipped, except when the
 // environment variable CI is "true": there a skip would hide missing
-// coverage, so they fail instead.
+// coverage, so they fail instead. Under -short they are always skipped:
+// go test -short asks for the fast tests only.
 package netnstest
 
 import (
@@ -33,8 +34,14 @@ const namePrefix = "apsc-test-"
 
 // Require skips the test unless it runs as root with the ip binary
 // installed. In CI (CI=true) it fails the test instead of skipping it.
+// Under -short (go test -short, which asks for the fast tests only) it
+// skips, in CI too.
 func Require(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		// Asked for on the command line: not hidden coverage, even in CI.
+		t.Skip("skipping: network-namespace test (-short runs only the fast tests)")
+	}
 	if os.Geteuid() != 0 {
 		skipOrFatal(t, "network-namespace tests must run as root in CI",
 			"skipping: network-namespace tests need root (run `sudo make test`)")
@@ -154,10 +161,7 @@ func (n *NS) Handle(t testing.TB) *netlink.Handle {
 }
 
 // Do runs f on an OS thread switched into the namespace and returns f's
-// error, or the error of switching. Sockets opened by f stay in the
-// namespace after the thread switches back, so Do is the way to listen or
-// dial inside it. If the thread cannot switch back it stays locked, so the
-// Go runtime ends it with its goroutine instead of reusing it.
+// error, or the error of switching (see DoIn).
 func (n *NS) Do(t testing.TB, f func() error) error {
 	t.Helper()
 	target, err := netns.GetFromName(n.Name)
@@ -165,6 +169,17 @@ func (n *NS) Do(t testing.TB, f func() error) error {
 		return fmt.Errorf("opening network namespace %s: %w", n.Name, err)
 	}
 	defer target.Close()
+	return DoIn(target, f)
+}
+
+// DoIn runs f on an OS thread switched into the network namespace target
+// and returns f's error, or the error of switching. Sockets opened by f
+// stay in the namespace after the thread switches back, and a process f
+// starts starts there, so DoIn is the way to listen, dial or start a
+// program inside it. If the thread cannot switch back it stays locked, so
+// the Go runtime ends it with its goroutine instead of reusing it. DoIn
+// needs no test: programs such as hack/bench use it too.
+func DoIn(target netns.NsHandle, f func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -177,14 +192,14 @@ func (n *NS) Do(t testing.TB, f func() error) error {
 		defer orig.Close()
 		if err := netns.Set(target); err != nil {
 			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace %s: %w", n.Name, err)
+			errc <- fmt.Errorf("entering network namespace: %w", err)
 			return
 		}
 		ferr := f()
 		if err := netns.Set(orig); err != nil {
-			// Keep the thread locked: it is still in the test namespace and
-			// must die with this goroutine.
-			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace %s: %w", n.Name, err))
+			// Keep the thread locked: it is still in the other namespace
+			// and must die with this goroutine.
+			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace: %w", err))
 			return
 		}
 		runtime.UnlockOSThread()

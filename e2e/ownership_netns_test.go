@@ -1,56 +1,12 @@
-package main
+package e2e
 
 import (
-	"os/exec"
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
-
-// oneShot runs the sidecar once in ns and returns its exit code and log.
-func oneShot(t *testing.T, ns *netnstest.NS, bin string, args ...string) (int, string) {
-	t.Helper()
-	cmd := ns.Command(bin, args...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		if _, ok := err.(*exec.ExitError); !ok {
-			t.Fatalf("%s: %v", cmd, err)
-		}
-	}
-	return cmd.ProcessState.ExitCode(), string(out)
-}
-
-// loAddrs lists the IPv4 and IPv6 addresses on lo, loopback's own left out.
-func loAddrs(t *testing.T, ns *netnstest.NS) []string {
-	t.Helper()
-	var out []string
-	fields := strings.Fields(ns.Run(t, "ip", "-o", "addr", "show", "dev", "lo"))
-	for i, f := range fields {
-		if (f == "inet" || f == "inet6") && i+1 < len(fields) && fields[i+1] != "127.0.0.1/8" && fields[i+1] != "::1/128" {
-			out = append(out, fields[i+1])
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
-// ourChains lists every chain and rule of ours in both backends, both
-// families.
-func ourChains(t *testing.T, ns *netnstest.NS) []string {
-	t.Helper()
-	var out []string
-	for _, save := range []string{"iptables-nft-save", "ip6tables-nft-save", "iptables-legacy-save", "ip6tables-legacy-save"} {
-		for _, line := range strings.Split(ns.Run(t, save), "\n") {
-			if strings.Contains(line, "APISERVER-PROXY-") {
-				out = append(out, save+": "+line)
-			}
-		}
-	}
-	return out
-}
 
 // TestOwnershipAcrossAddressChanges runs the real binary through address
 // changes on both backends: a one-shot run with another --ip-address, and
@@ -59,17 +15,16 @@ func ourChains(t *testing.T, ns *netnstest.NS) []string {
 // teardown run with the first, stale, address removes everything of ours
 // and says what it removed.
 func TestOwnershipAcrossAddressChanges(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	bin := buildSidecar(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
+			t.Parallel()
 			ns := netnstest.New(t)
 			ns.Run(t, "ip", "addr", "add", "10.96.0.9/32", "dev", "lo")
 			common := []string{"--setup-iptables", "--iptables-backend=" + backend, "--port=443"}
 			run := func(addr string, extra ...string) string {
 				t.Helper()
-				code, log := oneShot(t, ns, bin, append(append([]string{"--ip-address=" + addr, "--daemon=false"}, common...), extra...)...)
+				code, log := oneShot(t, ns, nil, bin, append(append([]string{"--ip-address=" + addr, "--daemon=false"}, common...), extra...)...)
 				if code != 0 {
 					t.Fatalf("--ip-address=%s %v: exit %d\n%s", addr, extra, code, log)
 				}
@@ -95,7 +50,7 @@ func TestOwnershipAcrossAddressChanges(t *testing.T) {
 			}
 
 			d := startDaemon(t, ns, bin, append([]string{"--ip-address=10.96.0.4", "--sync-interval=1h"}, common...)...)
-			eventually(t, 10*time.Second, "the restarted daemon keeps only 10.96.0.4", func() bool {
+			eventually(t, "the restarted daemon keeps only 10.96.0.4", func() bool {
 				return slices.Equal(loAddrs(t, ns), []string{"10.96.0.4/32", "10.96.0.9/32"})
 			})
 			if code := d.stop(t); code != 0 {
@@ -121,7 +76,7 @@ func TestOwnershipAcrossAddressChanges(t *testing.T) {
 			if !strings.Contains(log, "Nothing of ours was there to remove") {
 				t.Errorf("a second teardown does not say that nothing was there:\n%s", log)
 			}
-			code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2", "--daemon=false", "--cleanup")
+			code, log := oneShot(t, ns, nil, bin, "--ip-address=10.96.0.2", "--daemon=false", "--cleanup")
 			if code != 0 || !strings.Contains(log, "Left iptables rules alone (no --setup-iptables)") {
 				t.Errorf("a teardown without --setup-iptables: exit %d, and it must say it left the rules alone:\n%s", code, log)
 			}
@@ -135,17 +90,15 @@ func TestOwnershipAcrossAddressChanges(t *testing.T) {
 // serves IPv4, warns about IPv6 and exits 0, so that an init container does
 // not crash-loop and take IPv4 down with it.
 func TestIPv6DisabledIsNamed(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "sysctl")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "sysctl")
 	ns := netnstest.New(t)
 	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
 
-	code, log := oneShot(t, ns, bin, "--ip-address=fd00::2", "--daemon=false")
+	code, log := oneShot(t, ns, nil, bin, "--ip-address=fd00::2", "--daemon=false")
 	if code != 1 || !strings.Contains(log, "IPv6 is disabled on this node (net.ipv6.conf.all.disable_ipv6=1)") {
 		t.Errorf("IPv6 alone: exit %d, want 1 and an error naming IPv6 disabled:\n%s", code, log)
 	}
-	code, log = oneShot(t, ns, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
+	code, log = oneShot(t, ns, nil, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
 	if code != 0 || !strings.Contains(log, "its family is unavailable on this node") {
 		t.Errorf("dual-stack: exit %d, want 0 and a warning about IPv6:\n%s", code, log)
 	}
@@ -156,7 +109,7 @@ func TestIPv6DisabledIsNamed(t *testing.T) {
 	// Disabled on the interface alone, IPv6 clients exist: a failure.
 	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=0")
 	ns.Run(t, "sysctl", "-q", "-w", "net.ipv6.conf.lo.disable_ipv6=1")
-	code, log = oneShot(t, ns, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
+	code, log = oneShot(t, ns, nil, bin, "--ip-address=10.96.0.2,fd00::2", "--daemon=false")
 	if code != 1 || !strings.Contains(log, "IPv6 is disabled on lo (net.ipv6.conf.lo.disable_ipv6=1)") {
 		t.Errorf("IPv6 off on lo alone: exit %d, want 1 and an error naming lo:\n%s", code, log)
 	}
@@ -167,14 +120,13 @@ func TestIPv6DisabledIsNamed(t *testing.T) {
 // error naming IPVS, the proxy address is still served, and kube-ipvs0 keeps
 // its address through the run and a teardown.
 func TestIPVSHeldAddressIsNeverTouched(t *testing.T) {
-	netnstest.Require(t)
-	bin := buildSidecar(t)
+	bin := e2eTest(t)
 	ns := netnstest.New(t)
 	addForeignLink(t, ns, "kube-ipvs0")
 	ns.Run(t, "ip", "addr", "add", "100.64.0.1/32", "dev", "kube-ipvs0")
 	ipvs := func() string { return ns.Run(t, "ip", "-o", "addr", "show", "dev", "kube-ipvs0") }
 
-	code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false")
+	code, log := oneShot(t, ns, nil, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false")
 	if code != 1 || !strings.Contains(log, "100.64.0.1 is on kube-ipvs0") || !strings.Contains(log, "IPVS") {
 		t.Errorf("exit %d, want 1 and an error naming kube-ipvs0 and IPVS:\n%s", code, log)
 	}
@@ -184,7 +136,7 @@ func TestIPVSHeldAddressIsNeverTouched(t *testing.T) {
 	if !strings.Contains(ipvs(), " 100.64.0.1/32 ") {
 		t.Fatalf("kube-ipvs0 lost 100.64.0.1:\n%s", ipvs())
 	}
-	if code, log := oneShot(t, ns, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false", "--cleanup"); code != 0 {
+	if code, log := oneShot(t, ns, nil, bin, "--ip-address=10.96.0.2,100.64.0.1", "--daemon=false", "--cleanup"); code != 0 {
 		t.Errorf("teardown: exit %d\n%s", code, log)
 	}
 	if !strings.Contains(ipvs(), " 100.64.0.1/32 ") {

@@ -1,6 +1,6 @@
 //go:build race
 
-package main
+package e2e
 
 // raceEnabled reports whether the test binary was built with the race
 // detector: buildSidecar then builds the sidecar with it too.

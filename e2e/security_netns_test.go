@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"bufio"
@@ -24,9 +24,6 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
-
-// backends are the iptables backends the namespace tests cover.
-var backends = []string{"nft", "legacy"}
 
 // iptablesPrograms are the programs of both backends and both families
 // that the sidecar may run.
@@ -81,27 +78,22 @@ func procCaps(t *testing.T, pid int) map[string]string {
 // capability sets of the process about to run it to the returned log, then
 // runs the real program. With the shims' directory first in PATH, the log
 // shows what each program the sidecar starts holds.
-func capShims(t *testing.T) (dir, logFile string) {
+func capShims(t *testing.T) (sh *shims, logFile string) {
 	t.Helper()
-	dir, logFile = t.TempDir(), filepath.Join(t.TempDir(), "caps")
+	sh, logFile = newShims(t), filepath.Join(t.TempDir(), "caps")
 	for _, prog := range iptablesPrograms {
-		real, err := lookPath(prog)
-		if err != nil {
+		if _, err := exec.LookPath(prog); err != nil {
 			continue
 		}
-		script := fmt.Sprintf(`#!/bin/bash
-caps=""
+		sh.write(t, prog, fmt.Sprintf(`caps=""
 while read -r key value; do
 	case "$key" in Cap*) caps="$caps $key$value" ;; esac
 done < /proc/$$/status
 echo "%s$caps" >> %s
-exec %s "$@"
-`, prog, logFile, real)
-		if err := os.WriteFile(filepath.Join(dir, prog), []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
+exec REAL "$@"
+`, prog, logFile))
 	}
-	return dir, logFile
+	return sh, logFile
 }
 
 // TestLeastPrivilege runs the daemon, with each backend, as the DaemonSet
@@ -111,21 +103,21 @@ exec %s "$@"
 // CAP_NET_ADMIN dropped too, a one-shot run fails with a permission error
 // and exit code 1, and no crash.
 func TestLeastPrivilege(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, append([]string{"setpriv", "bash"}, iptablesPrograms...)...)
-	bin := buildSidecar(t)
+	bin := e2eTest(t, append([]string{"setpriv", "bash"}, iptablesPrograms...)...)
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			shims, capLog := capShims(t)
-			env := []string{"PATH=" + shims + string(os.PathListSeparator) + os.Getenv("PATH")}
-			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "1s"}
+			env := []string{shims.pathFirst()}
+			args := []string{"--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend, "--sync-interval", "1s", "-v", "2"}
 			want := wantState(t, backend)
 			whole := func() bool { return slices.Equal(ourState(t, ns, backend), want) }
 
 			d := startDaemonEnv(t, ns, env, "setpriv", withCaps([]string{"net_admin", "net_raw"}, bin, args...)...)
-			eventually(t, 30*time.Second, "first sync", whole)
+			eventually(t, "first sync", whole)
+			// The repairs counted below are the drifts', none of the start-up's.
+			d.startupSynced(t)
 			// ip netns exec and setpriv exec the next program: the pid is
 			// the sidecar's.
 			pid := d.cmd.Process.Pid
@@ -142,17 +134,11 @@ func TestLeastPrivilege(t *testing.T) {
 			}
 
 			ipt := "iptables-" + backend
-			for _, drift := range [][]string{
-				{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
-				{ipt, "-w", "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
-				{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
-			} {
-				repairs := strings.Count(d.log(), "Repaired")
-				ns.Run(t, drift[0], drift[1:]...)
-				eventually(t, 30*time.Second, strings.Join(drift, " ")+" repaired", func() bool {
-					return strings.Count(d.log(), "Repaired") > repairs && whole()
-				})
-			}
+			d.repairs(t, ns, whole,
+				[]string{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
+				[]string{ipt, "-w", "-t", "raw", "-D", "PREROUTING", "-j", "APISERVER-PROXY-PREROUTING"},
+				[]string{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
+			)
 			if code := d.stop(t); code != 0 {
 				t.Errorf("exit code %d after SIGTERM, want 0", code)
 			}
@@ -210,23 +196,18 @@ var shells = []string{"sh", "bash", "dash", "ash", "busybox", "zsh", "ksh"}
 // each records its invocation. A one-shot run, the daemon repairing drift
 // and the teardown, with each backend, must run none of them.
 func TestNeverRunsAShell(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
-			shims, ranLog := t.TempDir(), filepath.Join(t.TempDir(), "shells")
+			shims, ranLog := newShims(t), filepath.Join(t.TempDir(), "shells")
 			for _, sh := range shells {
 				// The interpreter is named by its absolute path: the shim
 				// runs whatever PATH says.
-				script := fmt.Sprintf("#!/bin/bash\necho \"%s $*\" >> %s\nexit 126\n", sh, ranLog)
-				if err := os.WriteFile(filepath.Join(shims, sh), []byte(script), 0o755); err != nil {
-					t.Fatal(err)
-				}
+				shims.write(t, sh, fmt.Sprintf("echo \"%s $*\" >> %s\nexit 126\n", sh, ranLog))
 			}
-			env := []string{"PATH=" + shims + string(os.PathListSeparator) + os.Getenv("PATH")}
+			env := []string{shims.pathFirst()}
 			ranShells := func() string {
 				b, err := os.ReadFile(ranLog)
 				if err != nil && !os.IsNotExist(err) {
@@ -236,11 +217,7 @@ func TestNeverRunsAShell(t *testing.T) {
 			}
 			run := func(args ...string) {
 				t.Helper()
-				cmd := ns.Command(bin, args...)
-				cmd.Env = append(os.Environ(), env...)
-				if out, err := cmd.CombinedOutput(); err != nil {
-					t.Fatalf("%s: %v\n%s", cmd, err, out)
-				}
+				mustOneShot(t, ns, env, bin, args...)
 			}
 
 			// The shims work: a program looked up in that PATH, in the
@@ -266,17 +243,11 @@ func TestNeverRunsAShell(t *testing.T) {
 			}
 			d := startDaemonEnv(t, ns, env, bin, append(args, "--sync-interval", "200ms", "--unsafe-short-sync-interval")...)
 			ipt := "iptables-" + backend
-			for _, drift := range [][]string{
-				{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
-				{"ip6tables-" + backend, "-w", "-t", "raw", "-D", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
-				{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
-			} {
-				repairs := strings.Count(d.log(), "Repaired")
-				ns.Run(t, drift[0], drift[1:]...)
-				eventually(t, 30*time.Second, strings.Join(drift, " ")+" repaired", func() bool {
-					return strings.Count(d.log(), "Repaired") > repairs && whole()
-				})
-			}
+			d.repairs(t, ns, whole,
+				[]string{ipt, "-w", "-t", "filter", "-F", "APISERVER-PROXY-INPUT"},
+				[]string{"ip6tables-" + backend, "-w", "-t", "raw", "-D", "OUTPUT", "-j", "APISERVER-PROXY-OUTPUT"},
+				[]string{"ip", "addr", "del", "10.96.0.2/32", "dev", "lo"},
+			)
 			if code := d.stop(t); code != 0 {
 				t.Errorf("exit code %d after SIGTERM, want 0", code)
 			}
@@ -365,12 +336,13 @@ func f() {
 func TestNoShellInSource(t *testing.T) {
 	fset := token.NewFileSet()
 	files := 0
-	err := filepath.WalkDir(".", func(path string, e fs.DirEntry, err error) error {
+	const root = ".." // the module's root, above e2e/
+	err := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
 		if e.IsDir() {
-			if path == "." {
+			if path == root {
 				return nil
 			}
 			if strings.HasPrefix(e.Name(), ".") || e.Name() == "testdata" {
@@ -448,8 +420,7 @@ func procNetAddr(t *testing.T, s string) string {
 // TestHTTPListensOnlyWhereAsked: without the flags the daemon has no
 // listening socket at all; with them, exactly the two addresses asked for.
 func TestHTTPListensOnlyWhereAsked(t *testing.T) {
-	netnstest.Require(t)
-	bin := buildSidecar(t)
+	bin := e2eTest(t)
 	for _, tc := range []struct {
 		name  string
 		flags []string
@@ -460,10 +431,11 @@ func TestHTTPListensOnlyWhereAsked(t *testing.T) {
 			[]string{"127.0.0.1:16911", "[::1]:16910"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
 			ns := netnstest.New(t)
 			d := startDaemon(t, ns, bin, append([]string{"--ip-address", "10.96.0.2", "--sync-interval", "1s", "-v", "2"}, tc.flags...)...)
 			// The listeners are up before the first sync starts.
-			eventually(t, 30*time.Second, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
+			eventually(t, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
 			got := tcpListeners(t, d.cmd.Process.Pid)
 			t.Logf("%s: listening on %q", tc.name, got)
 			if !slices.Equal(got, tc.want) {
@@ -481,14 +453,13 @@ func TestHTTPListensOnlyWhereAsked(t *testing.T) {
 // each off (ReadHeaderTimeout) rather than hold it forever, and /healthz
 // must keep answering other clients meanwhile.
 func TestHealthSurvivesSlowloris(t *testing.T) {
-	netnstest.Require(t)
-	bin := buildSidecar(t)
+	bin := e2eTest(t)
 	ns := netnstest.New(t)
 	const addr = "127.0.0.1:16911"
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--sync-interval", "1s", "--health-probe-bind-address", addr)
 	c := httpIn(t, ns)
 	healthz := func() int { code, _ := fetchIn(t, c, "http://"+addr+"/healthz"); return code }
-	eventually(t, 30*time.Second, "/healthz answers 200", func() bool { return healthz() == 200 })
+	eventually(t, "/healthz answers 200", func() bool { return healthz() == 200 })
 
 	// Far above the server's header timeout, well below its idle timeout.
 	const clientPatience = 45 * time.Second

@@ -1,9 +1,9 @@
-package main
+package e2e
 
 import (
 	"fmt"
+	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -13,39 +13,10 @@ import (
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
-// repairDeadline bounds the wait for a repair in these tests. It is far
-// above the latencies they measure and log: the targets (50 ms for the
-// address, 250 ms for nft rules) are benchmark figures, not assertions
-// that would flake on a busy machine. What the tests assert is that the
-// repair comes from kernel events: the sync interval is an hour.
-const repairDeadline = 5 * time.Second
-
-// pollUntil polls cond every millisecond until it holds or repairDeadline
-// passes, and returns how long that took from start.
-func pollUntil(t *testing.T, start time.Time, what string, cond func() bool) time.Duration {
-	t.Helper()
-	return pollWithin(t, start, repairDeadline, what, cond)
-}
-
-// pollWithin polls cond every millisecond until it holds, failing the test
-// once within has passed since start, and returns how long that took.
-func pollWithin(t *testing.T, start time.Time, within time.Duration, what string, cond func() bool) time.Duration {
-	t.Helper()
-	for !cond() {
-		if time.Since(start) > within {
-			t.Fatalf("%s: not within %s", what, within)
-		}
-		time.Sleep(time.Millisecond) // polling interval
-	}
-	return time.Since(start)
-}
-
 // TestEventsRepairWithoutWaitingForTheInterval runs the daemon with an hour
 // between syncs: every repair below can only come from kernel events.
 func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
 	h := ns.Handle(t)
@@ -73,7 +44,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 		out, err := ns.RunErr("iptables-nft", "-t", "raw", "-S", "PREROUTING")
 		return err == nil && strings.Contains(out, "-A PREROUTING -j APISERVER-PROXY-PREROUTING")
 	}
-	pollUntil(t, time.Now(), "first sync", func() bool { return hasAddr() && chainWhole() && jumpThere() })
+	eventually(t, "first sync", func() bool { return hasAddr() && chainWhole() && jumpThere() })
 
 	for _, tc := range []struct {
 		name  string
@@ -81,7 +52,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 		whole func() bool
 	}{
 		{"address deleted", func() {
-			if err := h.AddrDel(lo, &netlink.Addr{IPNet: mustIPNet(t, "10.96.0.2/32")}); err != nil {
+			if err := h.AddrDel(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.IPv4(10, 96, 0, 2), Mask: net.CIDRMask(32, 32)}}); err != nil {
 				t.Fatal(err)
 			}
 		}, hasAddr},
@@ -90,8 +61,7 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 	} {
 		for i := range 3 {
 			tc.drift()
-			start := time.Now()
-			took := pollUntil(t, start, tc.name, tc.whole)
+			took := eventually(t, tc.name, tc.whole)
 			t.Logf("%s: repaired after %v (run %d)", tc.name, took.Round(100*time.Microsecond), i+1)
 		}
 	}
@@ -103,22 +73,20 @@ func TestEventsRepairWithoutWaitingForTheInterval(t *testing.T) {
 // TestLegacyRepairsAtTheInterval: the legacy backend sends no events, so
 // its rules are repaired by the next periodic sync.
 func TestLegacyRepairsAtTheInterval(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-legacy")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-legacy")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "200ms", "--unsafe-short-sync-interval", "-v", "2")
 	chainWhole := func() bool {
 		out, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "APISERVER-PROXY-INPUT")
 		return err == nil && strings.Contains(out, "-j ACCEPT")
 	}
-	pollUntil(t, time.Now(), "first sync", chainWhole)
+	eventually(t, "first sync", chainWhole)
 	// Past the verifications that follow the first write and each event
 	// subscription, only interval syncs remain.
-	eventually(t, 10*time.Second, "an interval sync", func() bool { return strings.Contains(d.log(), `trigger="interval"`) })
+	eventually(t, "an interval sync", func() bool { return strings.Contains(d.log(), `trigger="interval"`) })
 	logged := len(d.log())
 	ns.Run(t, "iptables-legacy", "-t", "filter", "-F", "APISERVER-PROXY-INPUT")
-	took := pollUntil(t, time.Now(), "legacy chain flushed", chainWhole)
+	took := eventually(t, "legacy chain flushed", chainWhole)
 	t.Logf("legacy chain flushed: repaired after %v with a 200ms interval", took.Round(time.Millisecond))
 	for _, line := range strings.Split(d.log()[logged:], "\n") {
 		if strings.Contains(line, "Sync finished") && !strings.Contains(line, "repairs=0") {
@@ -133,17 +101,15 @@ func TestLegacyRepairsAtTheInterval(t *testing.T) {
 // TestEventBurstCostsFewVerifications loads 5,000 foreign rules in 5
 // back-to-back transactions and counts the verifications they cause.
 func TestEventBurstCostsFewVerifications(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft")
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
-	eventually(t, 10*time.Second, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
+	eventually(t, "first sync", func() bool { return strings.Contains(d.log(), "Sync finished") })
 	// Let the first sync's own events settle: at least one verification
 	// follows (on the address or the nftables events, whichever came
 	// first), then the log goes quiet.
 	settled, settledAt := -1, time.Now()
-	eventually(t, 10*time.Second, "the verifications after the first write", func() bool {
+	eventually(t, "the verifications after the first write", func() bool {
 		if n := strings.Count(d.log(), "Sync finished"); n != settled {
 			settled, settledAt = n, time.Now()
 		}
@@ -171,7 +137,7 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 	// The burst's verifications end with one that finds nothing to do:
 	// wait for the log to go quiet for well over debounceMax.
 	last, lastChange := -1, time.Now()
-	eventually(t, 10*time.Second, "verifications settle", func() bool {
+	eventually(t, "verifications settle", func() bool {
 		if n := strings.Count(d.log(), "Sync finished"); n != last {
 			last, lastChange = n, time.Now()
 		}
@@ -194,40 +160,19 @@ func TestEventBurstCostsFewVerifications(t *testing.T) {
 // TestSteadyStateSpawnsNothing counts, through a PATH shim, the iptables
 // programs the daemon runs over 50 short intervals on a converged node.
 func TestSteadyStateSpawnsNothing(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore")
 	ns := netnstest.New(t)
-	shims, logFile := t.TempDir(), filepath.Join(t.TempDir(), "ran")
-	for _, prog := range []string{"iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"} {
-		real, err := lookPath(prog)
-		if err != nil {
-			t.Fatal(err)
-		}
-		script := fmt.Sprintf("#!/bin/bash\necho %s >> %s\nexec %s \"$@\"\n", prog, logFile, real)
-		if err := os.WriteFile(filepath.Join(shims, prog), []byte(script), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	ran := func() int {
-		b, err := os.ReadFile(logFile)
-		if os.IsNotExist(err) {
-			return 0
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.Count(string(b), "\n")
-	}
-	d := startDaemonEnv(t, ns, []string{"PATH=" + shims + ":" + os.Getenv("PATH")}, bin,
+	shims := newShims(t)
+	ran, logFile := shims.countRuns(t, "iptables-nft", "iptables-nft-restore", "iptables-nft-save", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
+	d := startDaemonEnv(t, ns, []string{shims.pathFirst()}, bin,
 		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "nft", "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 	// Converged: the sync after the first write has read and recorded the
 	// generation; from then on nothing needs to run.
-	eventually(t, 10*time.Second, "converged", func() bool {
+	eventually(t, "converged", func() bool {
 		return strings.Count(d.log(), "Sync finished") >= 3 && ran() > 0
 	})
 	before, syncs := ran(), strings.Count(d.log(), `trigger="interval"`)
-	eventually(t, 30*time.Second, "50 more interval syncs", func() bool {
+	eventually(t, "50 more interval syncs", func() bool {
 		return strings.Count(d.log(), `trigger="interval"`) >= syncs+50
 	})
 	if n := ran() - before; n != 0 {
@@ -235,14 +180,4 @@ func TestSteadyStateSpawnsNothing(t *testing.T) {
 		t.Errorf("%d iptables programs ran over 50 idle syncs; all runs:\n%s", n, b)
 	}
 	t.Logf("%d iptables programs ran to converge, none over %d idle syncs", before, strings.Count(d.log(), `trigger="interval"`)-syncs)
-}
-
-func lookPath(prog string) (string, error) {
-	for _, dir := range filepath.SplitList(os.Getenv("PATH")) {
-		p := filepath.Join(dir, prog)
-		if fi, err := os.Stat(p); err == nil && !fi.IsDir() {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("%s not in PATH", prog)
 }

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"net/netip"
@@ -6,8 +6,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
 // dnatWarning is the start of the daemon's warning about the broken setup.
@@ -20,12 +18,10 @@ const dnatWarning = "WARNING: connections DNATed into our address fail"
 // interval; with the ClusterIP intercepted, and without --setup-iptables
 // (the DNATed connection tracked and answered), there is none.
 func TestDNATWarning(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "conntrack")
 	const interval = time.Second
-	for _, backend := range []string{"nft", "legacy"} {
-		for _, fam := range clientFamilies {
+	for _, backend := range backends {
+		for _, fam := range families {
 			t.Run(backend+"/"+fam.name, func(t *testing.T) {
 				t.Parallel()
 				proxy := netip.AddrPortFrom(fam.proxy, proxyPort)
@@ -40,6 +36,7 @@ func TestDNATWarning(t *testing.T) {
 					{"no --setup-iptables", []string{"--ip-address=" + fam.proxy.String()}, true},
 				} {
 					t.Run(tc.name, func(t *testing.T) {
+						t.Parallel()
 						node, pod := newClientNode(t, backend, fam, iptablesMode)
 						if !strings.Contains(strings.Join(tc.args, " "), "--setup-iptables") {
 							// Nothing of ours accepts the port: the node must.
@@ -48,7 +45,7 @@ func TestDNATWarning(t *testing.T) {
 						serveEcho(t, node, proxy)
 						serveEcho(t, node, clusterIP)
 						d := startDaemon(t, node, bin, append(tc.args, "--iptables-backend="+backend, "--sync-interval="+interval.String(), "-v=2")...)
-						eventually(t, 10*time.Second, "the start-up sync", func() bool { return strings.Contains(d.log(), `trigger="startup"`) })
+						d.startupSynced(t)
 
 						failedAt := time.Now()
 						r := probe(t, pod, clusterIP, droppedDialTimeout)
@@ -56,7 +53,7 @@ func TestDNATWarning(t *testing.T) {
 							t.Fatalf("pod -> %s: error %v, want it to work: %v", clusterIP, r.err, tc.works)
 						}
 						if !tc.works {
-							eventually(t, 2*interval, "the warning", func() bool { return strings.Contains(d.log(), dnatWarning) })
+							eventually(t, "the warning", func() bool { return strings.Contains(d.log(), dnatWarning) }, within(2*interval))
 							t.Logf("named %s after the failed connection", time.Since(failedAt).Round(time.Millisecond))
 							var line string
 							for _, l := range strings.Split(d.log(), "\n") {
@@ -77,7 +74,7 @@ func TestDNATWarning(t *testing.T) {
 							// Two interval syncs after the connection: one
 							// check at least has looked at it.
 							n := strings.Count(d.log(), `trigger="interval"`)
-							eventually(t, 5*interval, "two interval syncs", func() bool { return strings.Count(d.log(), `trigger="interval"`) >= n+2 })
+							eventually(t, "two interval syncs", func() bool { return strings.Count(d.log(), `trigger="interval"`) >= n+2 }, within(5*interval))
 							if strings.Contains(d.log(), dnatWarning) {
 								t.Errorf("a warning about a setup that works:\n%s", d.log())
 							}

@@ -1,11 +1,10 @@
-package main
+package e2e
 
 import (
 	"fmt"
-	"net/netip"
+	"maps"
 	"os"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -25,116 +24,6 @@ import (
 // went wrong, and converges once the fault is gone. They log what they
 // measure (time to converge, failed attempts) with t.Logf.
 
-// faultDeadline bounds every wait for the sidecar in these tests: far above
-// what they measure, so that a busy machine does not make them flake.
-const faultDeadline = 60 * time.Second
-
-// metricsAddr is where the daemon serves metrics inside its namespace
-// (every namespace has a loopback of its own).
-const metricsAddr = "127.0.0.1:16910"
-
-// metric returns the value of the series named exactly series (name and
-// labels as /metrics prints them) from the daemon's /metrics in ns, or 0
-// when it is absent.
-func metric(t *testing.T, ns *netnstest.NS, series string) float64 {
-	t.Helper()
-	code, body := fetchIn(t, httpIn(t, ns), "http://"+metricsAddr+"/metrics")
-	if code != 200 {
-		t.Fatalf("GET /metrics: %d %s", code, body)
-	}
-	m := regexp.MustCompile(`(?m)^` + regexp.QuoteMeta(series) + ` (\S+)$`).FindStringSubmatch(body)
-	if m == nil {
-		return 0
-	}
-	v, err := strconv.ParseFloat(m[1], 64)
-	if err != nil {
-		t.Fatalf("/metrics: %s: %v", m[0], err)
-	}
-	return v
-}
-
-// Series the tests read.
-const (
-	syncFailures    = `apiserver_proxy_sidecar_syncs_total{result="failure"}`
-	restoreFailures = `apiserver_proxy_sidecar_iptables_restore_failures_total{family="IPv4"}`
-	lockWaits       = `apiserver_proxy_sidecar_xtables_lock_waits_total{family="IPv4"}`
-)
-
-// running fails the test if the daemon has exited.
-func (d *daemon) running(t *testing.T) {
-	t.Helper()
-	select {
-	case err := <-d.done:
-		d.done <- err
-		t.Fatalf("the sidecar exited: %v", err)
-	default:
-	}
-}
-
-// logLines returns the daemon's log lines from byte offset from on.
-func (d *daemon) logLines(from int) []string {
-	s := d.log()
-	if from > len(s) {
-		from = len(s)
-	}
-	return strings.Split(strings.TrimSpace(s[from:]), "\n")
-}
-
-// countLines counts the log lines from byte offset from on that contain s.
-func (d *daemon) countLines(from int, s string) int {
-	n := 0
-	for _, l := range d.logLines(from) {
-		if strings.Contains(l, s) {
-			n++
-		}
-	}
-	return n
-}
-
-// isErrorLine reports whether a klog line has error severity.
-func isErrorLine(l string) bool { return len(l) > 1 && l[0] == 'E' && l[1] >= '0' && l[1] <= '9' }
-
-// ipv4State lists our IPv4 chains and the jumps to them as iptables-save of
-// backend prints them (the real program, whatever the daemon's PATH
-// holds), in a form that does not depend on listing order. A duplicate
-// shows up as a repeated line.
-func ipv4State(t *testing.T, ns *netnstest.NS, backend string) []string {
-	t.Helper()
-	var out []string
-	table := ""
-	for _, line := range strings.Split(ns.Run(t, "iptables-"+backend+"-save"), "\n") {
-		if strings.HasPrefix(line, "*") {
-			table = line
-		}
-		if strings.Contains(line, render.ChainPrefix) {
-			out = append(out, table+" "+strings.TrimSuffix(line, " [0:0]"))
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
-// ipv4Want is ipv4State where the rendered IPv4 ruleset is in place.
-func ipv4Want(t *testing.T) []string {
-	t.Helper()
-	rulesets, err := render.Render([]netip.Addr{netip.MustParseAddr("10.96.0.2")}, 443)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var out []string
-	for _, tb := range rulesets[0].Tables {
-		for _, c := range tb.Chains {
-			prefix := "*" + tb.Name + " "
-			out = append(out, prefix+":"+c.Name+" -", prefix+c.JumpRule())
-			for _, r := range c.Rules {
-				out = append(out, prefix+r)
-			}
-		}
-	}
-	slices.Sort(out)
-	return out
-}
-
 // toolShims puts, for each program, a script into a directory of its own
 // that runs the real program unless the mode file the test writes says
 // otherwise:
@@ -149,19 +38,14 @@ func ipv4Want(t *testing.T) []string {
 // A removed script is a program missing from PATH: the directory is the
 // daemon's whole PATH.
 type toolShims struct {
-	dir, modes string
-	real       map[string]string
+	*shims
+	modes string
 }
 
 func newToolShims(t *testing.T, progs ...string) *toolShims {
 	t.Helper()
-	s := &toolShims{dir: t.TempDir(), modes: t.TempDir(), real: map[string]string{}}
+	s := &toolShims{shims: newShims(t), modes: t.TempDir()}
 	for _, prog := range progs {
-		real, err := lookPath(prog)
-		if err != nil {
-			t.Fatal(err)
-		}
-		s.real[prog] = real
 		s.install(t, prog)
 	}
 	t.Cleanup(func() { s.killHung(t) })
@@ -195,8 +79,7 @@ func (s *toolShims) killHung(t *testing.T) {
 
 func (s *toolShims) install(t *testing.T, prog string) {
 	t.Helper()
-	script := fmt.Sprintf(`#!/bin/bash
-mode=
+	s.write(t, prog, fmt.Sprintf(`mode=
 [ -f %[1]s ] && read -r mode < %[1]s
 case "$mode" in
 fail) echo "%[2]s: injected failure: Permission denied (you must be root)" >&2; exit 1 ;;
@@ -204,11 +87,8 @@ hang) : > %[1]s.hung; echo $$ > %[1]s.pid; exec /bin/sleep 3600 ;;
 hang-child) : > %[1]s.hung; /bin/sleep 3600 & echo $! > %[1]s.pid; wait; exit 0 ;;
 garbage) echo "garbage: this is no iptables output"; exit 0 ;;
 esac
-exec %[3]s "$@"
-`, filepath.Join(s.modes, prog), prog, s.real[prog])
-	if err := os.WriteFile(filepath.Join(s.dir, prog), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
+exec REAL "$@"
+`, filepath.Join(s.modes, prog), prog))
 }
 
 // hung reports whether prog has been started in mode "hang".
@@ -248,10 +128,8 @@ func (s *toolShims) set(t *testing.T, prog, mode string) {
 // A hung program is killed after --iptables-timeout, the shortest allowed
 // here (6s), so each hang case costs that long; they run for nft only.
 func TestFaultFailingTools(t *testing.T) {
-	netnstest.Require(t)
 	progs := []string{"iptables-nft", "iptables-nft-save", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore"}
-	netnstest.RequireBinaries(t, progs...)
-	bin := buildSidecar(t)
+	bin := e2eTest(t, progs...)
 	for _, tc := range []struct {
 		backend, prog, mode string
 	}{
@@ -275,15 +153,15 @@ func TestFaultFailingTools(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			shims := newToolShims(t, progs...)
-			d := startDaemonEnv(t, ns, []string{"PATH=" + shims.dir}, bin,
+			d := startDaemonEnv(t, ns, []string{shims.pathOnly()}, bin,
 				"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", tc.backend,
 				"--sync-interval", "300ms", "--unsafe-short-sync-interval", "--iptables-timeout", "6s", "-v", "2", "--metrics-bind-address", metricsAddr)
-			want := ipv4Want(t)
-			eventually(t, faultDeadline, "first sync", func() bool { return slices.Equal(ipv4State(t, ns, tc.backend), want) })
-			eventually(t, faultDeadline, "metrics served", func() bool {
-				code, _ := fetchIn(t, httpIn(t, ns), "http://"+metricsAddr+"/metrics")
-				return code == 200
-			})
+			want := wantIPv4State(t, tc.backend)
+			eventually(t, "first sync", func() bool { return slices.Equal(ipv4State(t, ns, tc.backend), want) })
+			// The rules can be in place before the start-up sync has logged
+			// its repairs: the mark below is taken after that.
+			d.startupSynced(t)
+			metricsServed(t, ns, metricsAddr)
 			syncsFailedBefore, restoresFailedBefore := metric(t, ns, syncFailures), metric(t, ns, restoreFailures)
 
 			// The fault, then drift for the sidecar to repair through it.
@@ -306,7 +184,7 @@ COMMIT
 			var ended time.Time
 			failures := 2
 			if strings.HasPrefix(tc.mode, "hang") {
-				eventually(t, faultDeadline, tc.prog+" hangs", func() bool { return shims.hung(tc.prog) })
+				eventually(t, tc.prog+" hangs", func() bool { return shims.hung(tc.prog) })
 				shims.set(t, tc.prog, "real")
 				ended, failures = time.Now(), 1
 			}
@@ -314,7 +192,7 @@ COMMIT
 			// hang), every state seen is the drifted one: nothing is
 			// half-applied.
 			states := 0
-			eventually(t, faultDeadline, "failed syncs", func() bool {
+			eventually(t, "failed syncs", func() bool {
 				got := ipv4State(t, ns, tc.backend)
 				if strings.HasPrefix(tc.mode, "hang") {
 					// Once the hung program is killed, the retry runs the
@@ -359,15 +237,15 @@ COMMIT
 				ended = time.Now()
 			}
 			failedBefore := d.countLines(mark, "Sync failed; retrying")
-			eventually(t, faultDeadline+40*time.Second, "converged after the fault", func() bool {
+			eventually(t, "converged after the fault", func() bool {
 				got := ipv4State(t, ns, tc.backend)
 				if bad := halfApplied(got, drifted, want); bad != "" {
 					t.Fatalf("after %s %s, %s", tc.prog, tc.mode, bad)
 				}
 				return slices.Equal(got, want)
-			})
+			}, within(deadline+40*time.Second))
 			took := time.Since(ended)
-			eventually(t, faultDeadline, "success logged", func() bool { return d.countLines(mark, "Sync succeeded again") > 0 })
+			eventually(t, "success logged", func() bool { return d.countLines(mark, "Sync succeeded again") > 0 })
 			d.running(t)
 			t.Logf("%s %s: %d failed syncs in all (%d after the fault ended), converged %v after it ended (300ms interval)",
 				tc.prog, tc.mode, d.countLines(mark, "Sync failed; retrying"), d.countLines(mark, "Sync failed; retrying")-failedBefore, took.Round(time.Millisecond))
@@ -429,11 +307,8 @@ func runEnv(t *testing.T, ns *netnstest.NS, env []string, name string, args ...s
 // up and are retried; nothing is written, so nothing is duplicated, while
 // the lock is held; once it is released the rules converge.
 func TestFaultXtablesLockHeld(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
-	t.Parallel()
+	bin := e2eTest(t, "iptables-legacy", "iptables-legacy-save", "iptables-legacy-restore")
 	const hold = 10 * time.Second
-	bin := buildSidecar(t)
 	ns := netnstest.New(t)
 	dir := t.TempDir()
 	lock := filepath.Join(dir, "xtables.lock")
@@ -443,12 +318,12 @@ func TestFaultXtablesLockHeld(t *testing.T) {
 	d := startDaemonEnv(t, ns, []string{"XTABLES_LOCKFILE=" + lock}, bin,
 		"--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy",
 		"--sync-interval", "1s", "-v", "2", "--metrics-bind-address", metricsAddr)
-	want := ipv4Want(t)
-	eventually(t, faultDeadline, "first sync", func() bool { return slices.Equal(ipv4State(t, ns, "legacy"), want) })
-	eventually(t, faultDeadline, "metrics served", func() bool {
-		code, _ := fetchIn(t, httpIn(t, ns), "http://"+metricsAddr+"/metrics")
-		return code == 200
-	})
+	want := wantIPv4State(t, "legacy")
+	eventually(t, "first sync", func() bool { return slices.Equal(ipv4State(t, ns, "legacy"), want) })
+	// As in TestFaultFailingTools: the mark below counts none of the
+	// start-up's repairs.
+	d.startupSynced(t)
+	metricsServed(t, ns, metricsAddr)
 	restoresFailedBefore, lockWaitsBefore := metric(t, ns, restoreFailures), metric(t, ns, lockWaits)
 
 	release := flock(t, lock)
@@ -489,7 +364,7 @@ func TestFaultXtablesLockHeld(t *testing.T) {
 
 	<-freed
 	released := time.Now()
-	eventually(t, faultDeadline, "converged after the lock was released", func() bool {
+	eventually(t, "converged after the lock was released", func() bool {
 		got := ipv4State(t, ns, "legacy")
 		if bad := halfApplied(got, drifted, want); bad != "" {
 			t.Fatalf("after the lock was released, %s", bad)
@@ -497,7 +372,7 @@ func TestFaultXtablesLockHeld(t *testing.T) {
 		return slices.Equal(got, want)
 	})
 	took := time.Since(released)
-	eventually(t, faultDeadline, "success logged", func() bool { return d.countLines(mark, "Sync succeeded again") > 0 })
+	eventually(t, "success logged", func() bool { return d.countLines(mark, "Sync succeeded again") > 0 })
 	if n := metric(t, ns, lockWaits) - lockWaitsBefore; n < 1 {
 		t.Errorf("%s rose by %v, want at least 1", lockWaits, n)
 	}
@@ -511,22 +386,19 @@ func TestFaultXtablesLockHeld(t *testing.T) {
 }
 
 // halfApplied returns what is wrong when a table of got (ipv4State lines,
-// each starting with its table) is neither as in drifted nor as in want,
-// or "" when every table is one or the other.
+// each starting with its listing program and table) is neither as in
+// drifted nor as in want, or "" when every table is one or the other.
 func halfApplied(got, drifted, want []string) string {
-	table := func(lines []string, tb string) []string {
-		var out []string
-		for _, l := range lines {
-			if strings.HasPrefix(l, tb+" ") {
-				out = append(out, l)
-			}
+	g, d, w := stateGroups(got), stateGroups(drifted), stateGroups(want)
+	tables := slices.Sorted(maps.Keys(w))
+	for key := range d {
+		if !slices.Contains(tables, key) {
+			tables = append(tables, key)
 		}
-		return out
 	}
-	for _, tb := range []string{"*raw", "*filter"} {
-		g := table(got, tb)
-		if !slices.Equal(g, table(drifted, tb)) && !slices.Equal(g, table(want, tb)) {
-			return fmt.Sprintf("table %s is neither as before nor as rendered:\n%s", tb, strings.Join(g, "\n"))
+	for _, tb := range tables {
+		if !slices.Equal(g[tb], d[tb]) && !slices.Equal(g[tb], w[tb]) {
+			return fmt.Sprintf("table %s is neither as before nor as rendered:\n%s", tb, strings.Join(g[tb], "\n"))
 		}
 	}
 	return ""
@@ -672,9 +544,7 @@ func foreignSaved(t *testing.T, ns *netnstest.NS, env []string, backend, table s
 // once the storm is over. The storm lasts 30s with nft and 15s with
 // legacy, whose repairs wait for the next interval.
 func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore", "ip6tables-nft", "ip6tables-legacy")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore", "iptables-legacy", "iptables-legacy-restore", "ip6tables-nft", "ip6tables-legacy")
 	for _, tc := range []struct {
 		backend string
 		storm   time.Duration
@@ -691,7 +561,7 @@ func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
 			d := startDaemonEnv(t, ns, env, bin, "--ip-address", "10.96.0.2,fd00::2", "--setup-iptables",
 				"--iptables-backend", tc.backend, "--sync-interval", "500ms", "--unsafe-short-sync-interval", "-v", "2", "--metrics-bind-address", metricsAddr)
 			want := wantState(t, tc.backend)
-			eventually(t, faultDeadline, "first sync", func() bool { return slices.Equal(ourState(t, ns, tc.backend), want) })
+			eventually(t, "first sync", func() bool { return slices.Equal(ourState(t, ns, tc.backend), want) })
 
 			w := &foreignWriter{ns: ns, restore: "iptables-" + tc.backend + "-restore", env: env}
 			stop := make(chan struct{})
@@ -763,7 +633,7 @@ func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
 				}
 			}
 
-			eventually(t, faultDeadline, "our rules converged after the storm", func() bool {
+			eventually(t, "our rules converged after the storm", func() bool {
 				return slices.Equal(ourState(t, ns, tc.backend), want)
 			})
 			took := time.Since(ended)
@@ -771,7 +641,7 @@ func TestFaultConcurrentWriterAndFlushStorm(t *testing.T) {
 			// are allowed up to the first sync that ends after it; then two
 			// more syncs must pass without any.
 			var after []string
-			eventually(t, faultDeadline, "three syncs after the storm", func() bool {
+			eventually(t, "three syncs after the storm", func() bool {
 				after = d.logLines(stormEnd)
 				n := 0
 				for _, l := range after {

@@ -1,4 +1,4 @@
-package main
+package e2e
 
 import (
 	"fmt"
@@ -14,151 +14,12 @@ import (
 	"time"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
-	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
 // The tests in this file inject faults: the sidecar killed at random
 // points, two instances on one node, other agents and operators changing
 // the node under it, and iptables listings in forms it does not expect.
 // Each logs what it measured (restarts, time to converge, writes counted).
-
-// hostileDeadline bounds every wait in these tests: far above what they
-// measure, for a busy machine.
-const hostileDeadline = 20 * time.Second
-
-// dualStack is the --ip-address that ourState and wantState describe.
-const dualStack = "10.96.0.2,fd00::2"
-
-// hostileWait polls cond every millisecond until it holds, failing the test
-// after hostileDeadline, and returns how long that took from start.
-func hostileWait(t *testing.T, start time.Time, what string, cond func() bool) time.Duration {
-	t.Helper()
-	return pollWithin(t, start, hostileDeadline, what, cond)
-}
-
-// readOurState is ourState for use off the test goroutine: it returns errors
-// instead of failing the test.
-func readOurState(ns *netnstest.NS, backend string) ([]string, error) {
-	var out []string
-	for _, save := range []string{"iptables-" + backend + "-save", "ip6tables-" + backend + "-save"} {
-		listing, err := ns.RunErr(save)
-		if err != nil {
-			return nil, err
-		}
-		table := ""
-		for _, line := range strings.Split(listing, "\n") {
-			if strings.HasPrefix(line, "*") {
-				table = line
-			}
-			if strings.Contains(line, render.ChainPrefix) {
-				out = append(out, save+" "+table+" "+strings.TrimSuffix(line, " [0:0]"))
-			}
-		}
-	}
-	addrs, err := ns.RunErr("ip", "-o", "addr", "show", "dev", "lo")
-	if err != nil {
-		return nil, err
-	}
-	for _, f := range strings.Fields(addrs) {
-		if f == "10.96.0.2/32" || f == "fd00::2/128" {
-			out = append(out, "lo "+f)
-		}
-	}
-	slices.Sort(out)
-	return out, nil
-}
-
-// wholeCheck reports whether the node holds exactly the dual-stack ruleset
-// and addresses: every chain, rule and jump of ours once, nothing else.
-func wholeCheck(t *testing.T, ns *netnstest.NS, backend string) func() bool {
-	want := wantState(t, backend)
-	return func() bool { return slices.Equal(ourState(t, ns, backend), want) }
-}
-
-// stateGroups splits a state as ourState lists it by listing program and table
-// ("iptables-nft-save *raw"); each address on lo is a group of its own.
-func stateGroups(state []string) map[string][]string {
-	g := map[string][]string{}
-	for _, line := range state {
-		f := strings.Fields(line)
-		key := f[0] + " " + f[1]
-		if f[0] == "lo" {
-			key = line
-		}
-		g[key] = append(g[key], line)
-	}
-	return g
-}
-
-// hostileShimDir returns a directory for PATH shims, and the PATH that puts it
-// first, as an environment entry.
-func hostileShimDir(t *testing.T) (dir, pathEnv string) {
-	dir = t.TempDir()
-	return dir, "PATH=" + dir + ":" + os.Getenv("PATH")
-}
-
-// writeHostileShim writes an executable script named prog into dir. In body,
-// REAL stands for the real program's path.
-func writeHostileShim(t *testing.T, dir, prog, body string) {
-	t.Helper()
-	real, err := lookPath(prog)
-	if err != nil {
-		t.Fatal(err)
-	}
-	script := "#!/bin/bash\n" + strings.ReplaceAll(body, "REAL", real)
-	if err := os.WriteFile(filepath.Join(dir, prog), []byte(script), 0o755); err != nil {
-		t.Fatal(err)
-	}
-}
-
-// runLog returns a file for shims to log runs to, one line each, and a
-// function that counts the runs so far.
-func runLog(t *testing.T) (string, func() int) {
-	t.Helper()
-	logFile := filepath.Join(t.TempDir(), "ran")
-	return logFile, func() int {
-		b, err := os.ReadFile(logFile)
-		if os.IsNotExist(err) {
-			return 0
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		return strings.Count(string(b), "\n")
-	}
-}
-
-// countShimRuns puts shims for progs into dir that log each run and run the
-// real program; the returned function counts the runs so far.
-func countShimRuns(t *testing.T, dir string, progs ...string) func() int {
-	t.Helper()
-	logFile, count := runLog(t)
-	for _, prog := range progs {
-		writeHostileShim(t, dir, prog, fmt.Sprintf("echo %s >> %s\nexec REAL \"$@\"\n", prog, logFile))
-	}
-	return count
-}
-
-// restoreProgs are the restore programs of backend, both families.
-func restoreProgs(backend string) []string {
-	return []string{"iptables-" + backend + "-restore", "ip6tables-" + backend + "-restore"}
-}
-
-// syncsDone counts the syncs a daemon running with -v 2 has finished.
-func syncsDone(d *daemon) int { return strings.Count(d.log(), "Sync finished") }
-
-// sigkill sends SIGKILL and waits for the process to be gone.
-func (d *daemon) sigkill(t *testing.T) {
-	t.Helper()
-	if err := d.cmd.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-d.done:
-	case <-time.After(hostileDeadline):
-		t.Fatal("the sidecar did not die within the deadline of SIGKILL")
-	}
-}
 
 // hostileMedianMax returns the middle of ds, and the largest.
 func hostileMedianMax(ds []time.Duration) (time.Duration, time.Duration) {
@@ -208,12 +69,10 @@ func crashDrifts(backend string) [][]string {
 // Some kills land right after the start, during the first sync and its
 // write; the others after a drift, during its repair or right after.
 func TestCrashesConverge(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy")
 	seed := hostileSeed(t)
 	t.Logf("seed %d (HOSTILE_SEED=%d replays the same choices of drifts and kill points)", seed, seed)
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			rng := rand.New(rand.NewPCG(seed, 0))
@@ -244,12 +103,12 @@ func TestCrashesConverge(t *testing.T) {
 					d.sigkill(t)
 					kills++
 					early++
-					total += syncsDone(d)
+					total += d.syncsDone()
 				}
 				d := startDaemon(t, ns, bin, args...)
 				restarts++
 				start := time.Now()
-				converge = append(converge, hostileWait(t, start, fmt.Sprintf("restart %d converges", restarts), whole))
+				converge = append(converge, eventually(t, fmt.Sprintf("restart %d converges", restarts), whole, since(start)))
 				// While it runs: drift, then a kill at a random point of
 				// the repair that follows, or of the idle syncs.
 				for range rng.IntN(3) {
@@ -260,15 +119,15 @@ func TestCrashesConverge(t *testing.T) {
 				time.Sleep(time.Duration(rng.IntN(40)) * time.Millisecond) // the random kill point
 				d.sigkill(t)
 				kills++
-				total += syncsDone(d)
+				total += d.syncsDone()
 			}
 			// The last kill, too, is followed by a restart that converges.
 			d := startDaemon(t, ns, bin, args...)
 			restarts++
-			converge = append(converge, hostileWait(t, time.Now(), "the last restart converges", whole))
+			converge = append(converge, eventually(t, "the last restart converges", whole))
 			// And it stays converged: no copy of anything piles up later.
-			n := syncsDone(d)
-			eventually(t, hostileDeadline, "20 more syncs", func() bool { return syncsDone(d) >= n+20 })
+			n := d.syncsDone()
+			eventually(t, "20 more syncs", func() bool { return d.syncsDone() >= n+20 })
 			if got, want := ourState(t, ns, backend), wantState(t, backend); !slices.Equal(got, want) {
 				t.Errorf("after the last restart and 20 syncs, our state is\n%q\nwant\n%q", got, want)
 			}
@@ -285,10 +144,8 @@ func TestCrashesConverge(t *testing.T) {
 // then the cleanup remove everything of ours and nothing else; a sampler
 // reading the node throughout must never see a table half-written.
 func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	bin := buildSidecar(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
@@ -304,18 +161,18 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 
 			// The IPv4 restore waits, while the gate file exists, until
 			// a line is written to the fifo.
-			dir, pathEnv := hostileShimDir(t)
+			sh := newShims(t)
 			work := t.TempDir()
 			gate, started, fifo := filepath.Join(work, "gate"), filepath.Join(work, "started"), filepath.Join(work, "fifo")
 			if err := syscall.Mkfifo(fifo, 0o600); err != nil {
 				t.Fatal(err)
 			}
-			writeHostileShim(t, dir, ipt+"-restore", fmt.Sprintf("if [ -e %s ]; then\n  : > %s\n  read -r _ < %s\nfi\nexec REAL \"$@\"\n", gate, started, fifo))
+			sh.write(t, ipt+"-restore", fmt.Sprintf("if [ -e %s ]; then\n  : > %s\n  read -r _ < %s\nfi\nexec REAL \"$@\"\n", gate, started, fifo))
 
-			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
+			d := startDaemonEnv(t, ns, []string{sh.pathFirst()}, bin, "--ip-address", dualStack, "--setup-iptables",
 				"--iptables-backend", backend, "--sync-interval", "50ms", "--unsafe-short-sync-interval", "--cleanup", "-v", "2")
 			want := wantState(t, backend)
-			hostileWait(t, time.Now(), "first sync", wholeCheck(t, ns, backend))
+			eventually(t, "first sync", wholeCheck(t, ns, backend))
 
 			// What a table may look like at any point: as rendered, as
 			// drifted below (for IPv4's filter), or without anything of ours.
@@ -336,28 +193,18 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 				bad     []string
 				errs    []error
 			)
-			stop := make(chan struct{})
-			var wg sync.WaitGroup
-			wg.Go(func() {
-				for {
-					select {
-					case <-stop:
-						return
-					default:
+			stopSampling := sampleState(ns, backend, func(st []string, err error, _ time.Time) {
+				mu.Lock()
+				defer mu.Unlock()
+				samples++
+				if err != nil {
+					errs = append(errs, err)
+				}
+				g := stateGroups(st)
+				for key := range wantGroups {
+					if !valid(key, g[key]) {
+						bad = append(bad, fmt.Sprintf("%s: %q", key, g[key]))
 					}
-					st, err := readOurState(ns, backend)
-					mu.Lock()
-					samples++
-					if err != nil {
-						errs = append(errs, err)
-					}
-					g := stateGroups(st)
-					for key := range wantGroups {
-						if !valid(key, g[key]) {
-							bad = append(bad, fmt.Sprintf("%s: %q", key, g[key]))
-						}
-					}
-					mu.Unlock()
 				}
 			})
 
@@ -365,7 +212,7 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 				t.Fatal(err)
 			}
 			ns.Run(t, ipt, "-t", "filter", "-F", "APISERVER-PROXY-INPUT")
-			hostileWait(t, time.Now(), "the repair's restore starts", func() bool {
+			eventually(t, "the repair's restore starts", func() bool {
 				_, err := os.Stat(started)
 				return err == nil
 			})
@@ -387,11 +234,10 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 			w.Close()
 			select {
 			case <-d.done:
-			case <-time.After(hostileDeadline):
+			case <-time.After(deadline):
 				t.Fatal("the sidecar did not exit after SIGTERM")
 			}
-			close(stop)
-			wg.Wait()
+			stopSampling()
 
 			if code := d.cmd.ProcessState.ExitCode(); code != 0 {
 				t.Errorf("exit code %d, want 0", code)
@@ -446,10 +292,8 @@ func TestSIGTERMDuringSyncThenCleanup(t *testing.T) {
 // When the old one exits with --cleanup the new one puts everything back;
 // when it exits without, nothing is ever missing.
 func TestOverlappingInstances(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	bin := buildSidecar(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
+	for _, backend := range backends {
 		for _, cleanup := range []bool{false, true} {
 			name := backend + "/old-exits-without-cleanup"
 			if cleanup {
@@ -475,15 +319,15 @@ func TestOverlappingInstances(t *testing.T) {
 					for range n {
 						before := make([]int, len(ds))
 						for i, d := range ds {
-							before[i] = syncsDone(d)
+							before[i] = d.syncsDone()
 						}
 						if backend == "nft" {
 							foreign++
 							ns.Run(t, "iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-s", fmt.Sprintf("198.18.%d.%d/32", foreign/250, foreign%250+1), "-j", "ACCEPT")
 						}
-						eventually(t, hostileDeadline, "a sync of each", func() bool {
+						eventually(t, "a sync of each", func() bool {
 							for i, d := range ds {
-								if syncsDone(d) <= before[i] {
+								if d.syncsDone() <= before[i] {
 									return false
 								}
 							}
@@ -491,22 +335,21 @@ func TestOverlappingInstances(t *testing.T) {
 						})
 					}
 				}
-				oldDir, oldPath := hostileShimDir(t)
-				oldWrites := countShimRuns(t, oldDir, restoreProgs(backend)...)
-				newDir, newPath := hostileShimDir(t)
-				newWrites := countShimRuns(t, newDir, restoreProgs(backend)...)
+				oldSh, newSh := newShims(t), newShims(t)
+				oldWrites, _ := oldSh.countRuns(t, restoreProgs(backend)...)
+				newWrites, _ := newSh.countRuns(t, restoreProgs(backend)...)
 				oldArgs := args
 				if cleanup {
 					oldArgs = append(slices.Clone(args), "--cleanup")
 				}
 				whole := wholeCheck(t, ns, backend)
-				old := startDaemonEnv(t, ns, []string{oldPath}, bin, oldArgs...)
-				hostileWait(t, time.Now(), "the old instance converges", whole)
-				cur := startDaemonEnv(t, ns, []string{newPath}, bin, args...)
-				eventually(t, hostileDeadline, "the new instance syncs", func() bool { return syncsDone(cur) >= 1 })
+				old := startDaemonEnv(t, ns, []string{oldSh.pathFirst()}, bin, oldArgs...)
+				eventually(t, "the old instance converges", whole)
+				cur := startDaemonEnv(t, ns, []string{newSh.pathFirst()}, bin, args...)
+				eventually(t, "the new instance syncs", func() bool { return cur.syncsDone() >= 1 })
 
 				o, n := oldWrites(), newWrites()
-				oldSyncs, newSyncs := syncsDone(old), syncsDone(cur)
+				oldSyncs, newSyncs := old.syncsDone(), cur.syncsDone()
 				moreSyncs(50, old, cur)
 				if w := oldWrites() - o + newWrites() - n; w != 0 {
 					t.Errorf("%d iptables-restore runs over 50 syncs of each of two converged instances, want 0", w)
@@ -515,7 +358,7 @@ func TestOverlappingInstances(t *testing.T) {
 					t.Fatalf("two instances: state is %q", ourState(t, ns, backend))
 				}
 				t.Logf("%s: two instances, converged: %d writes over %d and %d syncs (the new one wrote %d times to converge)",
-					backend, oldWrites()-o+newWrites()-n, syncsDone(old)-oldSyncs, syncsDone(cur)-newSyncs, n)
+					backend, oldWrites()-o+newWrites()-n, old.syncsDone()-oldSyncs, cur.syncsDone()-newSyncs, n)
 
 				// The old instance stops; a sampler watches for anything missing.
 				want := wantState(t, backend)
@@ -525,30 +368,19 @@ func TestOverlappingInstances(t *testing.T) {
 					firstGap, lastGap   time.Time
 					errs                []error
 				)
-				stop := make(chan struct{})
-				var wg sync.WaitGroup
-				wg.Go(func() {
-					for {
-						select {
-						case <-stop:
-							return
-						default:
+				stopSampling := sampleState(ns, backend, func(st []string, err error, now time.Time) {
+					mu.Lock()
+					defer mu.Unlock()
+					samples++
+					switch {
+					case err != nil:
+						errs = append(errs, err)
+					case !slices.Equal(st, want):
+						incomplete++
+						if firstGap.IsZero() {
+							firstGap = now
 						}
-						st, err := readOurState(ns, backend)
-						now := time.Now()
-						mu.Lock()
-						samples++
-						switch {
-						case err != nil:
-							errs = append(errs, err)
-						case !slices.Equal(st, want):
-							incomplete++
-							if firstGap.IsZero() {
-								firstGap = now
-							}
-							lastGap = now
-						}
-						mu.Unlock()
+						lastGap = now
 					}
 				})
 				signalled := time.Now()
@@ -558,12 +390,11 @@ func TestOverlappingInstances(t *testing.T) {
 				exited := time.Now()
 				var back time.Duration
 				if cleanup {
-					back = hostileWait(t, exited, "the new instance puts everything back", whole)
+					back = eventually(t, "the new instance puts everything back", whole, since(exited))
 				}
 				// Keep sampling for a while after the exit: 20 syncs.
 				moreSyncs(20, cur)
-				close(stop)
-				wg.Wait()
+				stopSampling()
 				mu.Lock()
 				defer mu.Unlock()
 				if len(errs) > 0 {
@@ -631,9 +462,9 @@ var listingModes = []struct{ name, filter string }{
 func quiet(t *testing.T, d *daemon, what string) {
 	t.Helper()
 	const quietFor = 500 * time.Millisecond
-	last, changed := syncsDone(d), time.Now()
-	eventually(t, hostileDeadline, what+": no sync for "+quietFor.String()+" (the sidecar keeps syncing on its own)", func() bool {
-		if n := syncsDone(d); n != last {
+	last, changed := d.syncsDone(), time.Now()
+	eventually(t, what+": no sync for "+quietFor.String()+" (the sidecar keeps syncing on its own)", func() bool {
+		if n := d.syncsDone(); n != last {
 			last, changed = n, time.Now()
 		}
 		return time.Since(changed) > quietFor
@@ -650,16 +481,14 @@ func quiet(t *testing.T, d *daemon, what string) {
 // feed itself (its writes are events that trigger verifications), and
 // once the real listing is back it converges and writes no more.
 func TestUnexpectedListings(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash", "sed")
-	bin := buildSidecar(t)
-	for _, backend := range []string{"nft", "legacy"} {
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash", "sed")
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			ipt := "iptables-" + backend
-			dir, pathEnv := hostileShimDir(t)
-			writes := countShimRuns(t, dir, restoreProgs(backend)...)
+			sh := newShims(t)
+			writes, _ := sh.countRuns(t, restoreProgs(backend)...)
 			mode := filepath.Join(t.TempDir(), "mode")
 			setMode := func(filter string) {
 				t.Helper()
@@ -678,11 +507,14 @@ func TestUnexpectedListings(t *testing.T) {
 			// The real program's output goes through the filter the mode
 			// file holds; its exit status is kept.
 			listedLog, listed := runLog(t)
-			writeHostileShim(t, dir, lister, fmt.Sprintf("echo %s >> %s\nset -o pipefail\nREAL \"$@\" | bash %s\n", lister, listedLog, mode))
+			sh.write(t, lister, fmt.Sprintf("echo %s >> %s\nset -o pipefail\nREAL \"$@\" | bash %s\n", lister, listedLog, mode))
 			whole := wholeCheck(t, ns, backend)
-			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
+			d := startDaemonEnv(t, ns, []string{sh.pathFirst()}, bin, "--ip-address", dualStack, "--setup-iptables",
 				"--iptables-backend", backend, "--sync-interval", interval, "--unsafe-short-sync-interval", "-v", "2")
-			hostileWait(t, time.Now(), "first sync", whole)
+			eventually(t, "first sync", whole)
+			// The writes and syncs counted below are the modes', none of
+			// the start-up's.
+			d.startupSynced(t)
 			bumps := 0
 			// trigger makes, with nft, a foreign change (an event) so that
 			// the sidecar verifies; legacy verifies at every interval.
@@ -694,15 +526,15 @@ func TestUnexpectedListings(t *testing.T) {
 			}
 			for _, m := range listingModes {
 				t.Run(m.name, func(t *testing.T) {
-					w, s, l, logged := writes(), syncsDone(d), listed(), len(d.log())
+					w, s, l, logged := writes(), d.syncsDone(), listed(), len(d.log())
 					setMode(m.filter)
 					ns.Run(t, ipt, "-A", "APISERVER-PROXY-INPUT", "-s", "192.0.2.8/32", "-j", "DROP")
 					outcome := ""
-					hostileWait(t, time.Now(), "the extra rule removed, or the listing refused", func() bool {
+					eventually(t, "the extra rule removed, or the listing refused", func() bool {
 						switch {
 						case whole():
 							outcome = "rewritten"
-						case strings.Contains(logSince(d, logged), lister) && strings.Contains(logSince(d, logged), "not a listing"):
+						case strings.Contains(d.logSince(logged), lister) && strings.Contains(d.logSince(logged), "not a listing"):
 							outcome = "refused as no listing"
 						}
 						return outcome != ""
@@ -710,9 +542,9 @@ func TestUnexpectedListings(t *testing.T) {
 					if backend == "nft" {
 						quiet(t, d, "with the odd listing")
 					} else {
-						eventually(t, hostileDeadline, "10 syncs", func() bool { return syncsDone(d) >= s+10 })
+						eventually(t, "10 syncs", func() bool { return d.syncsDone() >= s+10 })
 					}
-					wrote, synced, odd := writes()-w, syncsDone(d)-s, listed()-l
+					wrote, synced, odd := writes()-w, d.syncsDone()-s, listed()-l
 					if wrote > 2*synced {
 						t.Errorf("%d writes in %d syncs with the odd listing, want at most two a sync", wrote, synced)
 					}
@@ -720,9 +552,9 @@ func TestUnexpectedListings(t *testing.T) {
 					setMode("cat")
 					back, logged := time.Now(), len(d.log())
 					trigger()
-					hostileWait(t, back, "converged with the real listing", whole)
-					eventually(t, hostileDeadline, "a sync that finds nothing to repair", func() bool {
-						if !strings.Contains(logSince(d, logged), "repairs=0 ok=true") {
+					eventually(t, "converged with the real listing", whole, since(back))
+					eventually(t, "a sync that finds nothing to repair", func() bool {
+						if !strings.Contains(d.logSince(logged), "repairs=0 ok=true") {
 							trigger()
 							return false
 						}
@@ -738,8 +570,8 @@ func TestUnexpectedListings(t *testing.T) {
 						}
 						quiet(t, d, "with the real listing")
 					} else {
-						n := syncsDone(d)
-						eventually(t, hostileDeadline, "20 syncs", func() bool { return syncsDone(d) >= n+20 })
+						n := d.syncsDone()
+						eventually(t, "20 syncs", func() bool { return d.syncsDone() >= n+20 })
 					}
 					if n := writes() - w2; n != 0 {
 						t.Errorf("%d writes after the real listing came back and the sidecar converged, want 0", n)
@@ -756,21 +588,6 @@ func TestUnexpectedListings(t *testing.T) {
 			}
 		})
 	}
-}
-
-// hasAddr reports whether dev in ns holds cidr.
-func hasAddr(t *testing.T, ns *netnstest.NS, dev, cidr string) bool {
-	t.Helper()
-	return slices.Contains(strings.Fields(ns.Run(t, "ip", "-o", "addr", "show", "dev", dev)), cidr)
-}
-
-// linkUp reports whether dev in ns is administratively up.
-func linkUp(t *testing.T, ns *netnstest.NS, dev string) bool {
-	t.Helper()
-	out := ns.Run(t, "ip", "-o", "link", "show", "dev", dev)
-	flags, _, _ := strings.Cut(out, ">")
-	_, flags, _ = strings.Cut(flags, "<")
-	return slices.Contains(strings.Split(flags, ","), "UP")
 }
 
 // logTimes returns the times of the lines of log that contain what, as
@@ -792,16 +609,11 @@ func logTimes(t *testing.T, log, what string) []time.Time {
 	return out
 }
 
-// logSince returns what d logged after the first n bytes.
-func logSince(d *daemon, n int) string { return d.log()[n:] }
-
 // TestHostileEnvironment changes the node under a running daemon the way
 // other agents and operators do. Each change is repaired, or left alone
 // where repairing it would harm someone else, and the log says which.
 func TestHostileEnvironment(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-legacy", "ip6tables-nft", "ip6tables-legacy", "bash")
 
 	t.Run("address on another link", func(t *testing.T) {
 		t.Parallel()
@@ -816,16 +628,16 @@ func TestHostileEnvironment(t *testing.T) {
 		moved := func() bool {
 			return hasAddr(t, ns, "lo", "10.96.0.2/32") && !hasAddr(t, ns, "apsc-a", "10.96.0.2/32")
 		}
-		hostileWait(t, time.Now(), "our address moves to lo", moved)
+		eventually(t, "our address moves to lo", moved)
 		// Someone else adds it there again while the daemon runs: theirs,
 		// so it stays, and the log says so once.
 		ns.Run(t, "ip", "addr", "add", "10.96.0.2/32", "dev", "apsc-a")
 		const left = `"Address is also on a link another agent manages; leaving it there" address="10.96.0.2" link="apsc-a"`
-		took := hostileWait(t, time.Now(), "the foreign copy is logged", func() bool { return strings.Contains(d.log(), left) })
+		took := eventually(t, "the foreign copy is logged", func() bool { return strings.Contains(d.log(), left) })
 		// Our own copy deleted: put back on lo, and the foreign one is
 		// looked at again.
 		ns.Run(t, "ip", "addr", "del", "10.96.0.2/32", "dev", "lo")
-		eventually(t, hostileDeadline, "our address back on lo", func() bool {
+		eventually(t, "our address back on lo", func() bool {
 			return strings.Count(d.log(), `repair="address added 10.96.0.2/32 on lo"`) >= 2 && hasAddr(t, ns, "lo", "10.96.0.2/32")
 		})
 		if !hasAddr(t, ns, "apsc-a", "10.96.0.2/32") || !hasAddr(t, ns, "apsc-a", "192.0.2.50/24") {
@@ -851,11 +663,11 @@ func TestHostileEnvironment(t *testing.T) {
 				_, err := ns.RunErr("ip", "link", "show", "apsc0")
 				return err == nil && linkUp(t, ns, "apsc0") && hasAddr(t, ns, "apsc0", "10.96.0.2/32")
 			}
-			hostileWait(t, time.Now(), "the dummy link is created", ready)
+			eventually(t, "the dummy link is created", ready)
 			ns.Run(t, "ip", "link", "del", "apsc0")
-			deleted := hostileWait(t, time.Now(), "the deleted dummy link is back", ready)
+			deleted := eventually(t, "the deleted dummy link is back", ready)
 			ns.Run(t, "ip", "link", "set", "apsc0", "down")
-			down := hostileWait(t, time.Now(), "the dummy link is up again", ready)
+			down := eventually(t, "the dummy link is up again", ready)
 			for _, want := range []string{`repair="link created apsc0"`, `repair="link set up apsc0"`} {
 				if !strings.Contains(d.log(), want) {
 					t.Errorf("the log lacks %s:\n%s", want, d.log())
@@ -869,7 +681,7 @@ func TestHostileEnvironment(t *testing.T) {
 		// kept in place all the same.
 		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--interface", "apsc0", "--setup-iptables",
 			"--iptables-backend", "nft", "--sync-interval", "50ms", "--unsafe-short-sync-interval", "-v", "2")
-		eventually(t, hostileDeadline, "three failed syncs", func() bool {
+		eventually(t, "three failed syncs", func() bool {
 			return strings.Count(d.log(), "Sync failed; retrying") >= 3
 		})
 		if !strings.Contains(d.log(), "creating dummy link apsc0") {
@@ -890,12 +702,12 @@ func TestHostileEnvironment(t *testing.T) {
 		ns.Run(t, "ip", "link", "add", "apsc-a", "type", "veth", "peer", "name", "apsc-b")
 		ns.Run(t, "ip", "link", "set", "apsc-a", "up")
 		d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--interface", "apsc-a", "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
-		hostileWait(t, time.Now(), "the address is added", func() bool { return hasAddr(t, ns, "apsc-a", "10.96.0.2/32") })
+		eventually(t, "the address is added", func() bool { return hasAddr(t, ns, "apsc-a", "10.96.0.2/32") })
 		ns.Run(t, "ip", "link", "set", "apsc-a", "down")
 		const warning = `"Link is down and was not created by this sidecar; leaving it down, its addresses will not be reachable" link="apsc-a"`
-		eventually(t, hostileDeadline, "the warning", func() bool { return strings.Contains(d.log(), warning) })
-		n := syncsDone(d)
-		eventually(t, hostileDeadline, "20 more syncs", func() bool { return syncsDone(d) >= n+20 })
+		eventually(t, "the warning", func() bool { return strings.Contains(d.log(), warning) })
+		n := d.syncsDone()
+		eventually(t, "20 more syncs", func() bool { return d.syncsDone() >= n+20 })
 		if linkUp(t, ns, "apsc-a") {
 			t.Error("a link the sidecar did not create was set up")
 		}
@@ -905,7 +717,7 @@ func TestHostileEnvironment(t *testing.T) {
 		if !hasAddr(t, ns, "apsc-a", "10.96.0.2/32") {
 			t.Error("the address is gone from the link that is down")
 		}
-		t.Logf("a link the sidecar did not create, set down: left down, warned once over %d syncs", syncsDone(d)-n)
+		t.Logf("a link the sidecar did not create, set down: left down, warned once over %d syncs", d.syncsDone()-n)
 	})
 
 	t.Run("lo set down", func(t *testing.T) {
@@ -914,31 +726,31 @@ func TestHostileEnvironment(t *testing.T) {
 		d := startDaemon(t, ns, bin, "--ip-address", dualStack, "--setup-iptables", "--iptables-backend", "nft",
 			"--sync-interval", "1h", "-v", "2")
 		whole := wholeCheck(t, ns, "nft")
-		hostileWait(t, time.Now(), "first sync", whole)
+		eventually(t, "first sync", whole)
 		ns.Run(t, "ip", "link", "set", "lo", "down")
-		took := hostileWait(t, time.Now(), "lo up with both addresses", func() bool { return linkUp(t, ns, "lo") && whole() })
+		took := eventually(t, "lo up with both addresses", func() bool { return linkUp(t, ns, "lo") && whole() })
 		if !strings.Contains(d.log(), `repair="link set up lo"`) {
 			t.Errorf("the log does not say lo was set up:\n%s", d.log())
 		}
 		t.Logf("lo set down: up again with both addresses after %v (events; 1h interval)", took.Round(time.Millisecond))
 	})
 
-	for _, backend := range []string{"nft", "legacy"} {
+	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
 			t.Parallel()
 			ns := netnstest.New(t)
 			ipt := "iptables-" + backend
-			dir, pathEnv := hostileShimDir(t)
-			writes := countShimRuns(t, dir, restoreProgs(backend)...)
-			d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
+			sh := newShims(t)
+			writes, _ := sh.countRuns(t, restoreProgs(backend)...)
+			d := startDaemonEnv(t, ns, []string{sh.pathFirst()}, bin, "--ip-address", dualStack, "--setup-iptables",
 				"--iptables-backend", backend, "--sync-interval", "20ms", "--unsafe-short-sync-interval", "-v", "2")
 			whole := wholeCheck(t, ns, backend)
-			hostileWait(t, time.Now(), "first sync", whole)
+			eventually(t, "first sync", whole)
 			// settle waits for 20 syncs and returns the writes they made.
 			settle := func() int {
 				t.Helper()
-				w, n := writes(), syncsDone(d)
-				eventually(t, hostileDeadline, "20 syncs", func() bool { return syncsDone(d) >= n+20 })
+				w, n := writes(), d.syncsDone()
+				eventually(t, "20 syncs", func() bool { return d.syncsDone() >= n+20 })
 				return writes() - w
 			}
 			settle()
@@ -959,9 +771,9 @@ func TestHostileEnvironment(t *testing.T) {
 			t.Run("extra rule in our chain", func(t *testing.T) {
 				logged := len(d.log())
 				ns.Run(t, ipt, "-A", "APISERVER-PROXY-INPUT", "-s", "192.0.2.8/32", "-j", "DROP")
-				took := hostileWait(t, time.Now(), "the extra rule removed", whole)
-				eventually(t, hostileDeadline, "the repair logged", func() bool {
-					return strings.Contains(logSince(d, logged), `chain="APISERVER-PROXY-INPUT" drift="rules differ (2 listed, 1 rendered)"`)
+				took := eventually(t, "the extra rule removed", whole)
+				eventually(t, "the repair logged", func() bool {
+					return strings.Contains(d.logSince(logged), `chain="APISERVER-PROXY-INPUT" drift="rules differ (2 listed, 1 rendered)"`)
 				})
 				if n := settle(); n != 0 {
 					t.Errorf("%d writes over 20 syncs after the repair, want 0", n)
@@ -972,9 +784,9 @@ func TestHostileEnvironment(t *testing.T) {
 			t.Run("our chain renamed", func(t *testing.T) {
 				logged := len(d.log())
 				ns.Run(t, ipt, "-E", "APISERVER-PROXY-INPUT", "APSC-RENAMED")
-				took := hostileWait(t, time.Now(), "our chain and jump are back", whole)
-				eventually(t, hostileDeadline, "the repair logged", func() bool {
-					l := logSince(d, logged)
+				took := eventually(t, "our chain and jump are back", whole)
+				eventually(t, "the repair logged", func() bool {
+					l := d.logSince(logged)
 					return strings.Contains(l, `chain="APISERVER-PROXY-INPUT" drift="missing"`) &&
 						strings.Contains(l, `chain="APISERVER-PROXY-INPUT" drift="missing from INPUT"`)
 				})
@@ -999,7 +811,7 @@ func TestHostileEnvironment(t *testing.T) {
 				// A repair in filter must not reset it either.
 				w := writes()
 				ns.Run(t, ipt, "-F", "APISERVER-PROXY-INPUT")
-				hostileWait(t, time.Now(), "the flushed chain repaired", whole)
+				eventually(t, "the flushed chain repaired", whole)
 				if writes() == w {
 					t.Error("the flushed chain was repaired without a write")
 				}
@@ -1024,14 +836,12 @@ func TestHostileEnvironment(t *testing.T) {
 // it converges. (The legacy backend sends no events: there every write
 // waits for the interval, see TestUnexpectedListings.)
 func TestRepairsThatDoNotStickAreHeldBack(t *testing.T) {
-	netnstest.Require(t)
-	netnstest.RequireBinaries(t, "iptables-nft", "iptables-nft-restore", "ip6tables-nft", "bash", "sed")
-	bin := buildSidecar(t)
+	bin := e2eTest(t, "iptables-nft", "iptables-nft-restore", "ip6tables-nft", "bash", "sed")
 	ns := netnstest.New(t)
-	dir, pathEnv := hostileShimDir(t)
+	sh := newShims(t)
 	logFile, writes := runLog(t)
 	odd := filepath.Join(t.TempDir(), "odd")
-	writeHostileShim(t, dir, "iptables-nft-restore", fmt.Sprintf(`echo iptables-nft-restore >> %s
+	sh.write(t, "iptables-nft-restore", fmt.Sprintf(`echo iptables-nft-restore >> %s
 if [ -e %s ]; then
   sed -E 's/ -j ACCEPT$/ -m comment --comment "stored differently" -j ACCEPT/' | REAL "$@"
   exit
@@ -1039,22 +849,22 @@ fi
 exec REAL "$@"
 `, logFile, odd))
 	whole := wholeCheck(t, ns, "nft")
-	d := startDaemonEnv(t, ns, []string{pathEnv}, bin, "--ip-address", dualStack, "--setup-iptables",
+	d := startDaemonEnv(t, ns, []string{sh.pathFirst()}, bin, "--ip-address", dualStack, "--setup-iptables",
 		"--iptables-backend", "nft", "--sync-interval", "1h", "-v", "2")
-	hostileWait(t, time.Now(), "first sync", whole)
+	eventually(t, "first sync", whole)
 	quiet(t, d, "after the first sync")
 
-	w, s, logged := writes(), syncsDone(d), len(d.log())
+	w, s, logged := writes(), d.syncsDone(), len(d.log())
 	if err := os.WriteFile(odd, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	ns.Run(t, "iptables-nft", "-F", "APISERVER-PROXY-INPUT")
 	const holding = "Syncs keep failing; holding back verifications on events"
-	eventually(t, hostileDeadline, "the sidecar says its syncs keep failing", func() bool {
-		return strings.Contains(logSince(d, logged), holding)
+	eventually(t, "the sidecar says its syncs keep failing", func() bool {
+		return strings.Contains(d.logSince(logged), holding)
 	})
 	quiet(t, d, "with repairs that do not stick")
-	wrote, synced := writes()-w, syncsDone(d)-s
+	wrote, synced := writes()-w, d.syncsDone()-s
 	t.Logf("repairs undone at once (nft, 1h interval): %d syncs and %d writes until quiet", synced, wrote)
 
 	if err := os.Remove(odd); err != nil {
@@ -1062,15 +872,15 @@ exec REAL "$@"
 	}
 	back, logged := time.Now(), len(d.log())
 	ns.Run(t, "iptables-nft", "-t", "mangle", "-A", "PREROUTING", "-s", "192.0.2.1/32", "-j", "ACCEPT")
-	hostileWait(t, back, "converged with a sound restore program", whole)
+	eventually(t, "converged with a sound restore program", whole, since(back))
 	repaired := time.Since(back)
-	eventually(t, hostileDeadline, "verifying on events at once again", func() bool {
-		return strings.Contains(logSince(d, logged), "Repairs stick again; verifying on events at once")
+	eventually(t, "verifying on events at once again", func() bool {
+		return strings.Contains(d.logSince(logged), "Repairs stick again; verifying on events at once")
 	})
 	settled := time.Since(back)
 	// Back to normal: a drift is repaired from its event, at once.
 	ns.Run(t, "iptables-nft", "-F", "APISERVER-PROXY-INPUT")
-	again := hostileWait(t, time.Now(), "a flushed chain repaired from its event", whole)
+	again := eventually(t, "a flushed chain repaired from its event", whole)
 	t.Logf("restore program sound again: rules in place after %v, holding back ended after %v; a later flush repaired after %v",
 		repaired.Round(time.Millisecond), settled.Round(time.Millisecond), again.Round(time.Millisecond))
 }

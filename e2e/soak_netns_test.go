@@ -1,7 +1,6 @@
-package main
+package e2e
 
 import (
-	"bufio"
 	"math/rand/v2"
 	"os"
 	"slices"
@@ -12,14 +11,6 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
-
-// soakMetricsAddr is where the soaked daemon serves /metrics, inside its
-// namespace.
-const soakMetricsAddr = "127.0.0.1:16910"
-
-// soakRepairDeadline bounds the wait for one repair: far above the sync
-// interval of 1s, for a machine busy with other tests.
-const soakRepairDeadline = 30 * time.Second
 
 // soakDrift is one way the soak test breaks the node's state.
 type soakDrift struct {
@@ -76,7 +67,7 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	t.Logf("soaking for %s; seed %d (SOAK_SEED=%d repeats these drifts)", dur, seed, seed)
-	bin := buildSidecar(t)
+	bin := sidecarBinary(t)
 	for i, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
 			soak(t, bin, backend, dur/2, rand.New(rand.NewPCG(seed, uint64(i))))
@@ -92,29 +83,22 @@ type soakSample struct {
 func soak(t *testing.T, bin, backend string, dur time.Duration, rng *rand.Rand) {
 	ns := netnstest.New(t)
 	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2,fd00::2", "--setup-iptables", "--iptables-backend", backend,
-		"--sync-interval", "1s", "--metrics-bind-address", soakMetricsAddr, "-v", "2")
+		"--sync-interval", "1s", "--metrics-bind-address", metricsAddr, "-v", "2")
 	want := wantState(t, backend)
 	whole := func() bool { return slices.Equal(ourState(t, ns, backend), want) }
-	c := httpIn(t, ns)
-	scrape := func() string {
-		t.Helper()
-		code, body := fetchIn(t, c, "http://"+soakMetricsAddr+"/metrics")
-		if code != 200 {
-			t.Fatalf("GET /metrics: %d %q", code, body)
-		}
-		return body
-	}
 	sample := func() soakSample {
-		body := scrape()
+		m := scrape(t, ns, metricsAddr)
 		return soakSample{
-			rss:        metricSum(t, body, "process_resident_memory_bytes"),
-			heap:       metricSum(t, body, "go_memstats_heap_inuse_bytes"),
-			goroutines: metricSum(t, body, "go_goroutines"),
+			rss:        m.must(t, series{name: "process_resident_memory_bytes"}),
+			heap:       m.must(t, series{name: "go_memstats_heap_inuse_bytes"}),
+			goroutines: m.must(t, series{name: "go_goroutines"}),
 		}
 	}
 	start := time.Now()
-	eventually(t, soakRepairDeadline, "first sync", whole)
-	eventually(t, soakRepairDeadline, "metrics served", func() bool { code, _ := fetchIn(t, c, "http://"+soakMetricsAddr+"/metrics"); return code == 200 })
+	eventually(t, "first sync", whole)
+	// Each drift's repair is counted in the log: none of the start-up's.
+	d.startupSynced(t)
+	metricsServed(t, ns, metricsAddr)
 
 	drifts := soakDrifts(backend)
 	end, warmUpEnd := start.Add(dur), start.Add(dur/5)
@@ -135,11 +119,11 @@ func soak(t *testing.T, bin, backend string, dur time.Duration, rng *rand.Rand) 
 		// The latency is until the daemon logs its repair, polled cheaply;
 		// then the state must be whole.
 		took := time.Now()
-		eventually(t, soakRepairDeadline, dr.name+" repaired", func() bool {
+		eventually(t, dr.name+" repaired", func() bool {
 			return strings.Count(d.log(), "Repaired") > repairs
 		})
 		latencies = append(latencies, time.Since(took))
-		eventually(t, soakRepairDeadline, "whole after "+dr.name, whole)
+		eventually(t, "whole after "+dr.name, whole)
 		// Until the next drift, one to four seconds later, the state
 		// stays whole: a repair that flaps would show here.
 		next := time.Now().Add(time.Second + time.Duration(rng.Int64N(int64(3*time.Second))))
@@ -157,7 +141,7 @@ func soak(t *testing.T, bin, backend string, dur time.Duration, rng *rand.Rand) 
 		t.Fatalf("at the end of the soak:\n%q\nwant:\n%q", got, want)
 	}
 	last := sample()
-	body := scrape()
+	m := scrape(t, ns, metricsAddr)
 
 	var names []string
 	for n := range injected {
@@ -170,9 +154,9 @@ func soak(t *testing.T, bin, backend string, dur time.Duration, rng *rand.Rand) 
 	}
 	sorted := slices.Clone(latencies)
 	slices.Sort(sorted)
-	syncsOK := metricSum(t, body, `apiserver_proxy_sidecar_syncs_total{result="success"}`)
-	syncsFailed := metricSum(t, body, `apiserver_proxy_sidecar_syncs_total{result="failure"}`)
-	repaired := metricSum(t, body, "apiserver_proxy_sidecar_repairs_total")
+	syncsOK := m.must(t, syncSuccesses)
+	syncsFailed := m.must(t, syncFailures)
+	repaired := m.must(t, series{name: "apiserver_proxy_sidecar_repairs_total"})
 	t.Logf("%s soak for %s: %.0f syncs (%.0f failed), %d drifts injected and %d repaired (%.0f objects repaired); repair latency median %v, max %v",
 		backend, time.Since(start).Round(time.Second), syncsOK+syncsFailed, syncsFailed, len(latencies), len(latencies), repaired,
 		sorted[len(sorted)/2].Round(time.Millisecond), sorted[len(sorted)-1].Round(time.Millisecond))
@@ -204,32 +188,4 @@ func soak(t *testing.T, bin, backend string, dur time.Duration, rng *rand.Rand) 
 	if code := d.stop(t); code != 0 {
 		t.Errorf("exit code %d after SIGTERM, want 0", code)
 	}
-}
-
-// metricSum adds up the samples of a metric in a /metrics body: every
-// series of name, or the one series when name carries its labels. It
-// fails the test when there is none.
-func metricSum(t *testing.T, body, name string) float64 {
-	t.Helper()
-	var sum float64
-	found := false
-	sc := bufio.NewScanner(strings.NewReader(body))
-	for sc.Scan() {
-		line := sc.Text()
-		rest, ok := strings.CutPrefix(line, name)
-		if !ok || (!strings.HasPrefix(rest, " ") && !strings.HasPrefix(rest, "{")) {
-			continue
-		}
-		i := strings.LastIndexByte(rest, ' ')
-		v, err := strconv.ParseFloat(rest[i+1:], 64)
-		if err != nil {
-			t.Fatalf("/metrics line %q: %v", line, err)
-		}
-		sum += v
-		found = true
-	}
-	if !found {
-		t.Fatalf("/metrics has no %s:\n%s", name, body)
-	}
-	return sum
 }
