@@ -16,7 +16,7 @@ KUSTOMIZE   ?= sigs.k8s.io/kustomize/kustomize/v5@v5.8.2
 PROMTOOL    ?= promtool
 
 .DEFAULT_GOAL := help
-.PHONY: help build test test-short golden fuzz demo bench image manifests alerts verify clean soak
+.PHONY: help build test test-short golden fuzz demo bench availability image manifests alerts verify clean soak
 
 help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-z0-9-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
@@ -67,6 +67,17 @@ OUT = $(if $(QUICK),bench-quick.md,BENCHMARKS.md)
 bench: build ## Benchmark against per-rule checks and iptables-save, write OUT (root; default BENCHMARKS.md; QUICK=1: short, to bench-quick.md)
 	$(GO) run ./hack/bench -bin ./$(BINARY) -out $(OUT) $(if $(QUICK),-quick)
 	$(GO) test -run '^$$' -bench . -benchmem $(if $(QUICK),-benchtime=200ms) ./render ./apply
+
+# availability runs as root in network namespaces of its own and writes
+# AVAILABILITY.md, the committed report. QUICK=1 runs the short form
+# (fewer repetitions, a shorter storm: about a minute) and writes
+# availability-quick.md (git-ignored) instead; AVAIL_OUT=FILE writes FILE.
+# It fails when a connection failed through a lifecycle event of the
+# sidecar (kill, restart, update without --cleanup); CI runs QUICK=1.
+AVAIL_OUT = $(if $(QUICK),availability-quick.md,AVAILABILITY.md)
+
+availability: build ## Measure what clients feel through kills, updates, flushes and a writer storm, write AVAIL_OUT (root; QUICK=1: short)
+	$(GO) run ./hack/availability -bin ./$(BINARY) -out $(AVAIL_OUT) $(if $(QUICK),-short)
 
 image: ## Build the container image IMAGE with docker
 	docker build --build-arg VERSION=$(VERSION) -t $(IMAGE) .
