@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netns"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 )
 
 // harness owns every namespace and every process it creates, so that it
@@ -136,33 +138,10 @@ func (h *harness) start(ns *namespace, c *exec.Cmd) error {
 }
 
 // inNamespace runs f on an OS thread switched into ns and returns f's
-// error. Sockets f opens stay in ns after the thread switches back. If the
-// thread cannot switch back it stays locked, and ends with its goroutine.
+// error (netnstest.DoIn). Sockets f opens stay in ns after the thread
+// switches back.
 func (h *harness) inNamespace(ns *namespace, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- err
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns.handle); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace %s: %w", ns.Name, err)
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace %s: %w", ns.Name, err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	return netnstest.DoIn(ns.handle, f)
 }
 
 // enter locks the calling goroutine to its OS thread and switches that
