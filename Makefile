@@ -44,9 +44,10 @@ test-short: ## The fast tests only (go test -short: every network-namespace test
 golden: ## Rewrite golden/ from the templates (review the diff like code)
 	$(GO) test ./render -run TestGolden -update
 
-fuzz: ## Fuzz validation and rendering, and the conntrack decoder, for FUZZTIME each (default 30s)
+fuzz: ## Fuzz validation and rendering, the conntrack decoder and the legacy table walk, for FUZZTIME each (default 30s)
 	$(GO) test ./render -run '^$$' -fuzz FuzzValidateRender -fuzztime $(FUZZTIME)
 	$(GO) test ./internal/conntrack -run '^$$' -fuzz FuzzDecode -fuzztime $(FUZZTIME)
+	$(GO) test ./internal/xtables -run '^$$' -fuzz FuzzWalk -fuzztime $(FUZZTIME)
 
 # TestSoak runs only when SOAK_DURATION is set. The test timeout is the
 # duration plus 5m: Go adds up a duration such as "10m5m".

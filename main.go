@@ -269,9 +269,11 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	}
 	// The kernel reports changes to our address and link, and to nftables
 	// (the nft backend's rules), so drift is repaired in milliseconds; the
-	// legacy backend has no such events and relies on --sync-interval.
+	// legacy backend has no such events, so its tables' info is polled
+	// (microseconds a poll) unless the nft backend is configured.
 	events := make(chan apply.Trigger, 1)
-	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables}
+	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables,
+		Legacy: cfg.SetupIPTables && cfg.Backend != apply.BackendNFT}
 	go watchers.Run(ctx, events)
 	sidecar.Run(ctx, cfg.SyncInterval, events)
 	if sig := receivedSignal(ctx); sig != "" {

@@ -28,6 +28,8 @@ const (
 	TriggerAddress  Trigger = "address_event"
 	TriggerLink     Trigger = "link_event"
 	TriggerNFTables Trigger = "nftables_event"
+	// TriggerLegacyChange: polling found a legacy table we use changed.
+	TriggerLegacyChange Trigger = "legacy_change"
 )
 
 // Watchers tell the sync loop when the kernel changed something that may
@@ -42,6 +44,10 @@ type Watchers struct {
 	Addrs     []netip.Addr
 	// NFTables also watches nftables changes (the nft backend's rules).
 	NFTables bool
+	// Legacy also polls the legacy iptables tables that hold our rules
+	// (raw and filter of each family of Addrs) for changes: the legacy
+	// backend sends no events (see watchLegacy).
+	Legacy bool
 }
 
 // Backoff bounds for re-subscribing after a netlink error.
@@ -62,6 +68,9 @@ func (w Watchers) Run(ctx context.Context, out chan<- Trigger) {
 	wg.Go(func() { w.resubscribe(ctx, "link", TriggerLink, send, w.watchLinks) })
 	if w.NFTables {
 		wg.Go(func() { w.resubscribe(ctx, "nftables", TriggerNFTables, send, w.watchNFTables) })
+	}
+	if w.Legacy {
+		wg.Go(func() { w.resubscribe(ctx, "legacy iptables", TriggerLegacyChange, send, w.watchLegacy) })
 	}
 	wg.Wait()
 }

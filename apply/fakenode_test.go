@@ -5,8 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"io/fs"
+	"maps"
 	"slices"
 	"strings"
 	"sync"
@@ -17,6 +19,7 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 	"github.com/google/go-cmp/cmp"
 )
@@ -58,6 +61,11 @@ type fakeNode struct {
 	// in a form wantExprs does not know, as another iptables release
 	// might store them.
 	unknownExprs bool
+	// legacyInProcess answers the in-process legacy reads from the rules;
+	// without it they fail, and every legacy read is a -save.
+	legacyInProcess bool
+	// legacyReads counts the in-process legacy reads.
+	legacyReads int
 }
 
 // fault is what a program does instead of its job: print stdout and
@@ -747,4 +755,59 @@ func TestFakeNodeListings(t *testing.T) {
 	if diff := cmp.Diff(wantJumps, jumps); diff != "" || total != 4 {
 		t.Errorf("jumps (total %d, want 4) (-want +got):\n%s", total, diff)
 	}
+}
+
+// legacyRead implements node: what the legacy table holds of the chains
+// ours accepts, as xtables.Walk tells it.
+func (n *fakeNode) legacyRead(f render.Family, table string, ours func(string) bool) (xtables.Table, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.legacyInProcess {
+		return xtables.Table{}, errNoXtables
+	}
+	n.legacyReads++
+	out := xtables.Table{Chains: map[string][]string{}, Jumps: map[string][]string{}}
+	t := n.tables[nodeKey{BackendLegacy, f}][table]
+	if t == nil {
+		return out, nil
+	}
+	for name, c := range t.chains {
+		switch {
+		case ours(name):
+			out.Chains[name] = slices.Clone(c.rules)
+		case c.builtin:
+			for _, r := range c.rules {
+				if ours(target(r)) {
+					out.Jumps[name] = append(out.Jumps[name], r)
+				}
+			}
+		}
+	}
+	return out, nil
+}
+
+// legacyInfo implements node: a fingerprint of the legacy table that
+// changes with any of its rules.
+func (n *fakeNode) legacyInfo(f render.Family, table string) (xtables.TableInfo, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.legacyInProcess {
+		return xtables.TableInfo{}, errNoXtables
+	}
+	t := n.tables[nodeKey{BackendLegacy, f}][table]
+	if t == nil {
+		return xtables.TableInfo{}, nil
+	}
+	names := slices.Sorted(maps.Keys(t.chains))
+	h := crc32.NewIEEE()
+	entries := 0
+	for _, name := range names {
+		c := t.chains[name]
+		fmt.Fprintf(h, "%s %s\n", name, c.policy)
+		for _, r := range c.rules {
+			fmt.Fprintln(h, r)
+			entries++
+		}
+	}
+	return xtables.TableInfo{NumEntries: uint32(entries + len(names)), Size: h.Sum32()}, nil
 }

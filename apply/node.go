@@ -2,11 +2,13 @@ package apply
 
 import (
 	"context"
+	"errors"
 	"os"
 
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -25,6 +27,7 @@ type node interface {
 	// generation returns the nftables ruleset generation: every committed
 	// change to any nftables table increments it.
 	generation() (uint32, error)
+	legacyReader
 }
 
 // nftReader reads what the nft backend keeps in the kernel, in-process over
@@ -55,6 +58,8 @@ type hostNode struct {
 	nft  nfnl.Conn
 	// proc reads /proc files; nil means os.ReadFile.
 	proc func(name string) ([]byte, error)
+	// xt reads the legacy backend's tables; nil: none is read in-process.
+	xt *xtablesReader
 }
 
 func (h hostNode) LookPath(file string) (string, error) { return h.exec.LookPath(file) }
@@ -90,4 +95,21 @@ func (h hostNode) jumps(f render.Family, table, chain string) ([]nfnl.Rule, int,
 
 func (h hostNode) exprs(f render.Family, table, chain string) ([][]string, error) {
 	return h.nft.Exprs(nfproto(f), table, chain)
+}
+
+// errNoXtables: the node reads no legacy table in-process.
+var errNoXtables = errors.New("no in-process reader of legacy tables")
+
+func (h hostNode) legacyRead(f render.Family, table string, ours func(string) bool) (xtables.Table, error) {
+	if h.xt == nil {
+		return xtables.Table{}, errNoXtables
+	}
+	return h.xt.read(f, table, ours)
+}
+
+func (h hostNode) legacyInfo(f render.Family, table string) (xtables.TableInfo, error) {
+	if h.xt == nil {
+		return xtables.TableInfo{}, errNoXtables
+	}
+	return h.xt.info(f, table)
 }

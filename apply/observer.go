@@ -49,7 +49,7 @@ const (
 var Objects = []Object{ObjectAddress, ObjectLink, ObjectChain, ObjectJump}
 
 // Triggers lists every Trigger, for metrics that show each from the start.
-var Triggers = []Trigger{TriggerStartup, TriggerInterval, TriggerAddress, TriggerLink, TriggerNFTables}
+var Triggers = []Trigger{TriggerStartup, TriggerInterval, TriggerAddress, TriggerLink, TriggerNFTables, TriggerLegacyChange}
 
 // SkipReason says why a family's rules were not read.
 type SkipReason string
@@ -58,8 +58,12 @@ type SkipReason string
 // sync found everything in place.
 const SkipGenerationUnchanged SkipReason = "generation_unchanged"
 
+// SkipLegacyUnchanged: the info of each legacy table we use (entry count,
+// size, chain offsets) is as it was when a sync found everything in place.
+const SkipLegacyUnchanged SkipReason = "legacy_unchanged"
+
 // SkipReasons lists every SkipReason.
-var SkipReasons = []SkipReason{SkipGenerationUnchanged}
+var SkipReasons = []SkipReason{SkipGenerationUnchanged, SkipLegacyUnchanged}
 
 // SyncResult is what one sync found and did.
 type SyncResult struct {

@@ -43,11 +43,11 @@ type Rules struct {
 	lockWait   time.Duration
 	observer   Observer
 
-	// verifiedGen is the nftables generation at the start of the last sync
+	// verifiedStamp is what readStamp read at the start of the last sync
 	// that found everything in place and wrote nothing, at verifiedAt; zero
 	// verifiedAt means there is none since the last write.
-	verifiedGen uint32
-	verifiedAt  time.Time
+	verifiedStamp string
+	verifiedAt    time.Time
 }
 
 // generationTrust bounds how long an unchanged nftables generation may
@@ -56,11 +56,20 @@ type Rules struct {
 // backend, say).
 const generationTrust = 10 * time.Minute
 
+// legacyTrust bounds how long the unchanged info of the legacy tables may
+// stand in for reading our rules. The info misses a rule replaced by one
+// of exactly the same size (ours altered with iptables -R, say), so a sync
+// reads at least this often: at every sync with the default 60 s interval,
+// as if there were no info; a shorter interval skips reads in between. One
+// read of a table of 50,000 rules costs about 100 ms of CPU, mostly the
+// kernel's copying it out; the info costs microseconds.
+const legacyTrust = time.Minute
+
 // NewRules returns Rules that keep rs in place with the programs of
 // backend b (BackendAuto: detected by the first sync), run through ex. Every
 // iptables-restore and the backend choice are reported to o.
 func NewRules(ex utilexec.Interface, b Backend, rs *render.Ruleset, o Observer) *Rules {
-	return rulesOn(hostNode{exec: ex, nft: nfnl.Conn{NS: netns.None()}}, b, rs, o)
+	return rulesOn(hostNode{exec: ex, nft: nfnl.Conn{NS: netns.None()}, xt: newXtablesReader(netns.None())}, b, rs, o)
 }
 
 // rulesOn returns Rules on node n.
@@ -100,9 +109,11 @@ func (d Drift) String() string {
 // Sync compares the kernel's state of our chains and jumps with the
 // rendered ruleset and, if anything differs, rewrites what differs in one
 // iptables-restore. It returns what differed. When nothing differs it runs
-// nothing but the reads; with the nft backend, when the nftables generation
-// has not changed since a sync found everything in place, it runs nothing
-// at all (for at most generationTrust).
+// nothing but the reads, which are in-process where the rules are in the
+// form we write them. When the stamp of the backend in use (the nftables
+// generation; the legacy tables' info) has not changed since a sync found
+// everything in place, it does not even read (for at most generationTrust;
+// legacyTrust).
 //
 // The first sync chooses the backend (detecting it with BackendAuto) and
 // checks that its programs exist; after its write it removes anything of
@@ -116,9 +127,9 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 			return nil, err
 		}
 	}
-	gen, genOK := r.readGeneration()
-	if genOK && !r.verifiedAt.IsZero() && gen == r.verifiedGen && time.Since(r.verifiedAt) < generationTrust {
-		r.observer.VerificationSkipped(SkipGenerationUnchanged)
+	stamp, reason, trust, stampOK := r.readStamp()
+	if stampOK && !r.verifiedAt.IsZero() && stamp == r.verifiedStamp && time.Since(r.verifiedAt) < trust {
+		r.observer.VerificationSkipped(reason)
 		return nil, nil
 	}
 	r.verifiedAt = time.Time{}
@@ -174,10 +185,10 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 		}
 		r.otherClean = true
 	}
-	if genOK && len(payload) == 0 {
-		// Everything was in place when the generation was gen: until it
+	if stampOK && len(payload) == 0 {
+		// Everything was in place when the stamp was read: until it
 		// changes, it still is.
-		r.verifiedGen, r.verifiedAt = gen, started
+		r.verifiedStamp, r.verifiedAt = stamp, started
 	}
 	return drifts, nil
 }
@@ -187,10 +198,11 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 // iptables-restore that exits 0 without loading its input (a broken or
 // substituted program), or another writer changing our chains at the same
 // moment, would otherwise pass for a repair. It writes nothing; the next
-// sync does. With nft, a read-back that finds everything in place records
-// the generation, so the event our own write caused costs no read.
+// sync does. A read-back that finds everything in place records the
+// stamp, so the event (or, with legacy, the change of info) our own write
+// caused costs no read.
 func (r *Rules) readBack(ctx context.Context) error {
-	gen, genOK := r.readGeneration()
+	stamp, _, _, stampOK := r.readStamp()
 	started := time.Now()
 	states, err := r.readAll(ctx, r.backend)
 	if err != nil {
@@ -207,24 +219,40 @@ func (r *Rules) readBack(ctx context.Context) error {
 		return fmt.Errorf("rules still differ right after %s succeeded (it did not load them, or another writer changed them meanwhile): %s",
 			program(r.backend, r.ruleset.Family, backend.Restore), strings.Join(still, "; "))
 	}
-	if genOK {
-		r.verifiedGen, r.verifiedAt = gen, started
+	if stampOK {
+		r.verifiedStamp, r.verifiedAt = stamp, started
 	}
 	return nil
 }
 
-// readGeneration returns the nftables generation when the backend in use
-// is nft and it can be read.
-func (r *Rules) readGeneration() (uint32, bool) {
-	if r.backend != BackendNFT {
-		return 0, false
+// readStamp returns what changes whenever the backend in use changes our
+// rules, read in microseconds, and the reason a sync skipped on it gives:
+// with nft the nftables generation, which every commit moves; with legacy
+// the info (entry count, size, chain offsets) of each table we use, which
+// every rule added, deleted or resized changes; and how long an unchanged
+// stamp may be trusted. ok is false where there is none to read.
+func (r *Rules) readStamp() (stamp string, reason SkipReason, trust time.Duration, ok bool) {
+	switch r.backend {
+	case BackendNFT:
+		gen, err := r.run.node.generation()
+		if err != nil {
+			klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
+			return "", "", 0, false
+		}
+		return strconv.FormatUint(uint64(gen), 10), SkipGenerationUnchanged, generationTrust, true
+	case BackendLegacy:
+		var b strings.Builder
+		for _, t := range r.ruleset.Tables {
+			in, err := r.run.node.legacyInfo(r.ruleset.Family, t.Name)
+			if err != nil {
+				klog.V(2).InfoS("Cannot read the legacy tables' info; reading the rules", "family", r.ruleset.Family, "table", t.Name, "err", err)
+				return "", "", 0, false
+			}
+			fmt.Fprintf(&b, "%s %+v\n", t.Name, in)
+		}
+		return b.String(), SkipLegacyUnchanged, legacyTrust, true
 	}
-	gen, err := r.run.node.generation()
-	if err != nil {
-		klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
-		return 0, false
-	}
-	return gen, true
+	return "", "", 0, false
 }
 
 // choose settles the backend: the configured one, or the detected one.
@@ -364,11 +392,14 @@ type tableState struct {
 //     not recognise is listed with "-t TABLE -S CHAIN", as text.
 //   - legacy: the kernel hands over a whole table on every read, so listing
 //     one chain costs as much as the table, and iptables-legacy -S takes the
-//     xtables lock. iptables-legacy-save -t TABLE reads the table once and
-//     takes no lock. So we read each table once with -save and keep only the
-//     lines that concern us, streaming, so a large table is never held in
-//     memory. A table /proc/net/ip_tables_names does not list is not read
-//     at all: it holds nothing, and reading it would create it.
+//     xtables lock. So we read each table once, in-process
+//     (IPT_SO_GET_ENTRIES, internal/xtables), into memory mapped for that
+//     read only, and recognise what we wrote (readLegacy). Only a table
+//     where a rule of ours, or a rule jumping to ours, is in another form
+//     is read with iptables-legacy-save -t TABLE (which takes no lock),
+//     keeping only the lines that concern us, streaming. A table
+//     /proc/net/ip_tables_names does not list is not read at all: it holds
+//     nothing, and reading it would create it.
 func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState, error) {
 	st := tableState{chains: map[string][]string{}, refs: map[string][]string{}}
 	keep, collect := st.collector(t)
@@ -379,6 +410,9 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		tables, err := r.run.legacyTables(f)
 		if err != nil || !tables[t.Name] {
 			return st, err
+		}
+		if r.readLegacy(t, collect) {
+			return st, nil
 		}
 		return st, r.run.runKeep(ctx, nil, tableListing(t.Name), keep, collect, program(b, f, backend.Save), "-t", t.Name)
 	}
@@ -412,6 +446,44 @@ func (r *Rules) read(ctx context.Context, b Backend, t render.Table) (tableState
 		}
 	}
 	return st, nil
+}
+
+// readLegacy reads legacy table t in-process and, when every rule of our
+// chains and every rule jumping to them is in a form xtables renders,
+// hands collect the lines iptables-legacy-save would print of them and
+// returns true. Otherwise, or when the read fails, it returns false: then
+// iptables-legacy-save, which knows every match and target, is the judge.
+func (r *Rules) readLegacy(t render.Table, collect func(string)) bool {
+	ours := map[string]bool{}
+	for _, c := range t.Chains {
+		ours[c.Name] = true
+	}
+	f := r.ruleset.Family
+	got, err := r.run.node.legacyRead(f, t.Name, func(chain string) bool { return ours[chain] })
+	if err != nil {
+		klog.V(2).InfoS("Cannot read the legacy table in-process; asking iptables-legacy-save", "family", f, "table", t.Name, "err", err)
+		return false
+	}
+	if got.Unrecognised != "" {
+		klog.V(2).InfoS("A rule in the legacy table is not in the form we write; asking iptables-legacy-save", "family", f, "table", t.Name, "rule", got.Unrecognised)
+		return false
+	}
+	for _, c := range t.Chains {
+		rules, ok := got.Chains[c.Name]
+		if !ok {
+			continue
+		}
+		collect(":" + c.Name + " - [0:0]")
+		for _, rule := range rules {
+			collect(rule)
+		}
+	}
+	for _, hook := range hooks(t) {
+		for _, rule := range got.Jumps[hook] {
+			collect(rule)
+		}
+	}
+	return true
 }
 
 // readChainNFT reads our chain c in-process and, when it is missing, empty

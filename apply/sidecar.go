@@ -98,12 +98,13 @@ type scope struct{ address, rules, stale bool }
 var everything = scope{address: true, rules: true, stale: true}
 
 // scopeOf is what a trigger may concern: an address or link event only the
-// address and link, an nftables event only the rules, anything else all.
+// address and link, an nftables event or a legacy table's change only the
+// rules, anything else all.
 func scopeOf(t Trigger) scope {
 	switch t {
 	case TriggerAddress, TriggerLink:
 		return scope{address: true}
-	case TriggerNFTables:
+	case TriggerNFTables, TriggerLegacyChange:
 		return scope{rules: true}
 	}
 	return everything
@@ -247,6 +248,10 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 				// Another agent's nftables change: our rules are not there.
 				continue
 			}
+			if t == TriggerLegacyChange && !s.legacyConcernsUs() {
+				// A legacy table changed, but our rules are kept with nft.
+				continue
+			}
 			timer.Reset(p.event(s.clock.Now(), t))
 		case <-timer.C():
 			if t, sc, wait, run := p.fire(s.clock.Now()); run {
@@ -268,6 +273,18 @@ func (s *Sidecar) nftablesConcernsUs() bool {
 		}
 	}
 	return len(s.rules) == 0
+}
+
+// legacyConcernsUs reports whether a change to a legacy table may concern
+// our rules: whether some family's rules are kept with the legacy backend
+// (or the backend is not chosen yet).
+func (s *Sidecar) legacyConcernsUs() bool {
+	for _, r := range s.rules {
+		if r.Backend() == BackendLegacy || r.Backend() == "" {
+			return true
+		}
+	}
+	return false
 }
 
 // Cleanup removes our jumps and chains from every family and both

@@ -168,11 +168,13 @@ func TestFaultFailingTools(t *testing.T) {
 			shims.set(t, tc.prog, tc.mode)
 			mark := len(d.log())
 			// One transaction: the sidecar sees all of the drift or none.
-			// A foreign rule in our chain is what the nft backend cannot
-			// recognise in-process: it lists the chain with iptables-nft.
+			// A foreign rule in our chain with a match neither backend's
+			// in-process reader renders (a comment) is what only the
+			// programs can tell: iptables-nft lists the chain, and
+			// iptables-legacy-save the table.
 			restoreIn(t, ns, nil, "iptables-"+tc.backend+"-restore", `*filter
 :APISERVER-PROXY-INPUT - [0:0]
--A APISERVER-PROXY-INPUT -s 192.0.2.1/32 -j DROP
+-A APISERVER-PROXY-INPUT -s 192.0.2.1/32 -m comment --comment foreign -j DROP
 -D OUTPUT -j APISERVER-PROXY-OUTPUT
 COMMIT
 `)

@@ -127,7 +127,8 @@ daemon=$!
 pids+=("$daemon")
 wait_for 5 grep -q "Sync finished" "$tmp/daemon.log" || die "the daemon did not sync: $(cat "$tmp/daemon.log")"
 echo "daemon running (pid $daemon). With nft the kernel reports every change and the daemon"
-echo "repairs at once; legacy iptables has no such events: repair at the next --sync-interval."
+echo "repairs at once; legacy iptables has no such events, so the daemon polls each table's"
+echo "info (microseconds, every 100 ms) and repairs as soon as it changes."
 
 show ip -n "$ns" addr del "$ADDRESS/32" dev lo
 start=$(now_ms)

@@ -125,7 +125,7 @@ func New(o Options) *Telemetry {
 		}, []string{"family", "backend"}),
 		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "verifications_total",
-			Help: "Syncs started, by trigger: startup, interval, or a kernel event (address_event, link_event, nftables_event).",
+			Help: "Syncs started, by trigger: startup, interval, a kernel event (address_event, link_event, nftables_event), or a change polling found in a legacy iptables table (legacy_change).",
 		}, []string{"trigger"}),
 		verificationsSkip: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "verifications_skipped_total",
@@ -234,7 +234,8 @@ func (t *Telemetry) Verification(trigger apply.Trigger) {
 }
 
 // VerificationSkipped counts a family's rules not read because nothing can
-// have changed; reason is "generation_unchanged". It implements
+// have changed; reason is "generation_unchanged" (nft) or "legacy_unchanged"
+// (the legacy tables' info). It implements
 // apply.Observer.
 func (t *Telemetry) VerificationSkipped(reason apply.SkipReason) {
 	t.verificationsSkip.WithLabelValues(string(reason)).Inc()

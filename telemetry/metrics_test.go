@@ -206,8 +206,10 @@ apiserver_proxy_sidecar_sync_duration_seconds_count 0
 apiserver_proxy_sidecar_syncs_total{result="failure"} 0
 apiserver_proxy_sidecar_syncs_total{result="success"} 0
 apiserver_proxy_sidecar_verifications_skipped_total{reason="generation_unchanged"} 0
+apiserver_proxy_sidecar_verifications_skipped_total{reason="legacy_unchanged"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="address_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="interval"} 0
+apiserver_proxy_sidecar_verifications_total{trigger="legacy_change"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="link_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="nftables_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="startup"} 0
@@ -295,8 +297,10 @@ apiserver_proxy_sidecar_syncs_total{result="failure"} 2
 apiserver_proxy_sidecar_syncs_total{result="success"} 2
 apiserver_proxy_sidecar_untracked_dnat_connections_total{address="10.96.0.2:443",destination="100.64.0.1:443"} 4
 apiserver_proxy_sidecar_verifications_skipped_total{reason="generation_unchanged"} 2
+apiserver_proxy_sidecar_verifications_skipped_total{reason="legacy_unchanged"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="address_event"} 1
 apiserver_proxy_sidecar_verifications_total{trigger="interval"} 1
+apiserver_proxy_sidecar_verifications_total{trigger="legacy_change"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="link_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="nftables_event"} 1
 apiserver_proxy_sidecar_verifications_total{trigger="startup"} 1

@@ -249,10 +249,8 @@ func TestChecks(t *testing.T) {
 			Fresh:     oneShot{Wall: 20 * time.Millisecond, CPU: 16 * time.Millisecond, SelfPeakKB: 11000, ChildPeakKB: 2000},
 			Steady:    steady{CPUPerSync: 500 * time.Microsecond},
 		}
-		if sc.Backend == "legacy" {
-			r.Results[ours].Steady.ProcsPerSync = 2
-		}
-		r.Results[perRule] = contenderResult{Converged: oneShot{Wall: 20 * time.Millisecond, CPU: 16 * time.Millisecond}}
+		r.Results[perRule] = contenderResult{Converged: oneShot{Wall: 20 * time.Millisecond, CPU: 16 * time.Millisecond},
+			Steady: steady{CPUPerSync: 10 * time.Millisecond}}
 		r.Repair = [3]repairLatency{{Median: 10 * time.Millisecond, N: 3}, {Median: 20 * time.Millisecond, N: 3}, {Median: 20 * time.Millisecond, N: 3}}
 		return r
 	}
@@ -264,7 +262,7 @@ func TestChecks(t *testing.T) {
 	}
 	results[1].Results[ours].Converged.Wall = 14 * time.Millisecond // 1.4× the 0-rule figure
 	results[2].Results[ours].Fresh.ChildPeakKB = 60000
-	results[2].Results[ours].Steady.ProcsPerSync = 2.5
+	results[2].Results[ours].Steady.CPUPerSync = 2 * time.Millisecond // 0.2× the per-rule check
 	results[0].Repair[1].Median = 300 * time.Millisecond
 	notMet := map[string]bool{}
 	for _, c := range checks(results) {
@@ -276,7 +274,7 @@ func TestChecks(t *testing.T) {
 		"nft":                  true, // flatness
 		"steady state, legacy": true,
 		"ours":                 true, // peak
-		"repair of rules, nft ≤ 250 ms (median; chain and jump)": true,
+		"repair of rules ≤ 250 ms (median; chain and jump)": true,
 	}
 	if diff := cmp.Diff(want, notMet); diff != "" {
 		t.Errorf("targets not met (-want +got):\n%s", diff)
@@ -354,5 +352,27 @@ func TestClientTableAndChecks(t *testing.T) {
 	}
 	if c := clientChecks(rs[:1]); c[0].Met {
 		t.Errorf("interception not measured: %+v, want not met", c)
+	}
+}
+
+func TestPlanOnly(t *testing.T) {
+	for _, quick := range []bool{false, true} {
+		p := newPlan(quick).only("legacy")
+		if len(p.Scenarios) == 0 {
+			t.Fatalf("quick %v: no legacy scenario", quick)
+		}
+		for _, sc := range p.Scenarios {
+			if sc.Backend != "legacy" {
+				t.Errorf("quick %v: scenario %s kept", quick, sc)
+			}
+		}
+		for _, b := range p.ClientBackends {
+			if b != "legacy" {
+				t.Errorf("quick %v: client paths on %s kept", quick, b)
+			}
+		}
+		if all := newPlan(quick).only(""); len(all.Scenarios) != len(newPlan(quick).Scenarios) {
+			t.Errorf("quick %v: only(\"\") dropped scenarios", quick)
+		}
 	}
 }

@@ -52,7 +52,12 @@ func benchMain(args []string) int {
 	bin := fs.String("bin", "./apiserver-proxy-sidecar", "the sidecar binary (make build)")
 	out := fs.String("out", "BENCHMARKS.md", "where to write the report")
 	quick := fs.Bool("quick", false, "3 scenarios, fewer repetitions and syncs, client paths on nft only (bound: 110 s instead of 9 min)")
+	only := fs.String("backend", "", "run only the scenarios and client paths of this backend: nft or legacy (default: both)")
 	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	if *only != "" && *only != "nft" && *only != "legacy" {
+		fmt.Fprintf(os.Stderr, "bench: -backend %q: must be nft or legacy\n", *only)
 		return 2
 	}
 	if os.Geteuid() != 0 {
@@ -80,7 +85,7 @@ func benchMain(args []string) int {
 		truePath = p
 	}
 
-	p := newPlan(*quick)
+	p := newPlan(*quick).only(*only)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, p.Bound)
@@ -242,6 +247,9 @@ func report(mach [][2]string, p plan, results []scenarioResult, clients []client
 	if p.Quick {
 		mode = "quick (`-quick`)"
 	}
+	if p.Only != "" {
+		mode += ", " + p.Only + " only (`-backend " + p.Only + "`)"
+	}
 	fmt.Fprintf(&b, "Run: %s, %d scenarios, %d runs per one-shot figure, %d daemon syncs for the steady state, %d repetitions per repair, client paths on %s; took %s.\n\n",
 		mode, len(p.Scenarios), p.Reps, p.Syncs, p.RepairReps, strings.Join(p.ClientBackends, " and "), took.Round(time.Second))
 	mach = append(mach, [2]string{"load average at end", loadAvg()})
@@ -282,7 +290,7 @@ const methodText = `- **Scenarios.** Each runs in a network namespace of its own
 - **One-shot converged**: everything already in place; median of %[1]d runs. **Fresh apply**: before each of %[1]d runs the contender's state is torn down (ours: ` + "`--daemon=false --cleanup`" + `; baselines: their rules deleted and the address removed).
 - **Wall** is the monotonic clock from start to wait. **CPU** is user + system time of the process and of every child it started, as wait4 reports it when the process is reaped: the kernel scales the process's tick samples to the scheduler's exact runtime and adds the children it waited for. Everything else per process comes from the kernel's taskstats exit records (generic netlink, registered for all CPUs). **Peak** is the process's own peak RSS (hiwater_rss of its exit records) plus the largest child's (children run one at a time); the cell shows the sum, then own + largest child. getrusage's children figure is not used: Go starts children with vfork, so each child's maxrss counts the parent's pages. Children that never ran a program are not counted as processes, nor in the peak: the Go runtime's one-time check that clone(CLONE_PIDFD) works starts a copy of the process that shares its memory and exits at once.
 - **Steady state.** Ours runs as a daemon with ` + "`--sync-interval 100ms -v 2`" + `; after 5 syncs it has converged, then a window of %[2]d syncs is counted from its "Sync finished" log lines. CPU per sync is the daemon's own CPU in the window (sum of field 1 of /proc/PID/task/*/schedstat at the start and end) plus the CPU of the children that exited in the window (taskstats' ac_utime + ac_stime: tick samples, exact only on average over many children), divided by the syncs; processes per sync are those children divided by the syncs. The baselines' sync is one converged pass: N passes run in one process (` + "`-loop N`" + `), N = 60 or fewer where a pass is slow (N is chosen so that the loop takes about %[3]s, at least 3), and CPU and children are divided by N (so this includes their start-up, amortised).
-- **Repair** (ours only): the daemon runs with ` + "`--sync-interval 1m`" + `. The harness deletes the address (netlink, in the namespace), flushes ` + "`APISERVER-PROXY-INPUT`" + ` or deletes the jump to it from INPUT (` + "`iptables`" + ` of the backend), and from the moment that returns polls, 1 ms after each check, until it is whole again (address back; the chain's rule back; exactly one jump). %[4]d repetitions, median and max, each after the daemon has logged no sync for 300 ms. Rule checks run ` + "`iptables -S`" + ` of the chain: the median time of one check is shown, and bounds the resolution (with 50,000 rules in the same table a check costs tens of milliseconds). The legacy backend sends no rule events, so there a rule repair happens at the next sync: shown as the interval. The baselines poll every 60 s: that is their repair latency.
+- **Repair** (ours only): the daemon runs with ` + "`--sync-interval 1m`" + `. The harness deletes the address (netlink, in the namespace), flushes ` + "`APISERVER-PROXY-INPUT`" + ` or deletes the jump to it from INPUT (` + "`iptables`" + ` of the backend), and from the moment that returns polls, 1 ms after each check, until it is whole again (address back; the chain's rule back; exactly one jump). %[4]d repetitions, median and max, each after the daemon has logged no sync for 300 ms. Rule checks run ` + "`iptables -S`" + ` of the chain: the median time of one check is shown, and bounds the resolution (with 50,000 rules in the same table a check costs tens of milliseconds). The legacy backend sends no rule events; the daemon polls its tables' info every 100 ms, so a rule repair there starts from that. The baselines poll every 60 s: that is their repair latency.
 - **Idle daemon RSS** is VmRSS of the steady-state daemon after its window.
 - **Client paths.** Per backend a node namespace, with kube-proxy's iptables-mode rules for the ` + "`kubernetes`" + ` Service (KUBE-SERVICES jumped from PREROUTING and OUTPUT, KUBE-SVC, KUBE-SEP with KUBE-MARK-MASQ and a DNAT of ` + clientClusterIP + `:443 to ` + benchIP + `:443; KUBE-POSTROUTING), loaded with that backend, and filter policies left at ACCEPT; and per path a fresh pod namespace, joined to it by a veth and routed through it. *Through the DNAT*: the sidecar with ` + "`--ip-address " + benchIP + " --daemon=false`" + ` (no rules), a listener on ` + benchIP + `:443. *Intercepted*: then the sidecar with ` + "`--ip-address " + benchIP + "," + clientClusterIP + " --setup-iptables --daemon=false`" + `, and a listener on ` + clientClusterIP + `:443 as well. The listeners accept, wait for the client to close, then close: the client's end keeps its port in TIME_WAIT, so no port is reused during the run. From a thread of the benchmark switched into the pod (setns), after 20 connections to warm up, connections to the ClusterIP are made one at a time with blocking system calls: socket, a non-blocking connect and poll until it is connected (timed: SYN out, SYN-ACK back), close. The rate is connections over the loop's wall time; p50 and p99 are nearest-rank percentiles of the connect times. Conntrack entries are the node namespace's ` + "`nf_conntrack_count`" + ` after the loop minus before it, per 1,000 connections: the entries of closed connections, in TIME_WAIT for two minutes, count.
 `

@@ -117,6 +117,8 @@ type plan struct {
 	// closed connection keeps its port in TIME_WAIT for a minute.
 	ClientConns int
 	Bound       time.Duration
+	// Only is the one backend measured, "" for both.
+	Only string
 }
 
 func newPlan(quick bool) plan {
@@ -138,6 +140,27 @@ func newPlan(quick bool) plan {
 	return plan{Scenarios: all, Reps: 7, Syncs: 60, RepairReps: 7, LoopBudget: 4 * time.Second,
 		ClientBackends: []string{"nft", "legacy"}, ClientTime: 4 * time.Second, ClientConns: 10000,
 		Bound: 9 * time.Minute}
+}
+
+// only keeps the scenarios and client paths of backend ("": all).
+func (p plan) only(backend string) plan {
+	if backend == "" {
+		return p
+	}
+	var scs []scenario
+	for _, sc := range p.Scenarios {
+		if sc.Backend == backend {
+			scs = append(scs, sc)
+		}
+	}
+	var cbs []string
+	for _, b := range p.ClientBackends {
+		if b == backend {
+			cbs = append(cbs, b)
+		}
+	}
+	p.Scenarios, p.ClientBackends, p.Only = scs, cbs, backend
+	return p
 }
 
 // bench measures the scenarios.
@@ -594,13 +617,16 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 		return out, err
 	}
 	iptables := "iptables-" + backend
+	lastCheck := "" // what the last check of the chain saw, for an error
 	check := map[string]func() (bool, error){
 		"address": func() (bool, error) { return b.hasAddress(ns) },
 		"chain": func() (bool, error) {
 			out, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-S", ourChain)
 			if err != nil {
+				lastCheck = err.Error()
 				return false, nil // being rewritten
 			}
+			lastCheck = out
 			want := fmt.Sprintf("-N %s\n-A %s -d %s/32 -p tcp -m tcp --dport %d -j ACCEPT\n", ourChain, ourChain, benchIP, benchPort)
 			return out == want, nil
 		},
@@ -635,10 +661,6 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 		}
 	}
 	for i, kind := range repairKinds {
-		if kind != "address" && backend == "legacy" {
-			out[i] = repairLatency{Text: "next sync (interval 1m)"}
-			continue
-		}
 		var lat, checks []float64
 		timed := func() (bool, error) {
 			start := time.Now()
@@ -655,7 +677,8 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 			}
 			start := time.Now()
 			if err := b.pollWhole(ctx, timed, 20*time.Second); err != nil {
-				return out, fmt.Errorf("%s not repaired: %w; log ends: %s", kind, err, d.lastLog())
+				saved, _ := b.h.run(ctx, ns, "", iptables+"-save", "-t", "filter")
+				return out, fmt.Errorf("%s not repaired: %w; the last check of the chain saw %q; the table: %q; log ends: %s", kind, err, lastCheck, saved, d.lastLog())
 			}
 			lat = append(lat, float64(time.Since(start)))
 		}
