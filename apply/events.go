@@ -30,6 +30,8 @@ const (
 	TriggerNFTables Trigger = "nftables_event"
 	// TriggerLegacyChange: polling found a legacy table we use changed.
 	TriggerLegacyChange Trigger = "legacy_change"
+	// TriggerRetry: the sync before failed.
+	TriggerRetry Trigger = "retry"
 )
 
 // Watchers tell the sync loop when the kernel changed something that may
@@ -48,6 +50,11 @@ type Watchers struct {
 	// (raw and filter of each family of Addrs) for changes: the legacy
 	// backend sends no events (see watchLegacy).
 	Legacy bool
+	// LegacySeen is shared with the Rules that keep the legacy tables
+	// (Rules.SetLegacySeen), so that a poll compares with what their
+	// last sync found; nil: the poller compares with its own last poll
+	// alone, and may miss a repair undone before the next poll.
+	LegacySeen *LegacySeen
 }
 
 // Backoff bounds for re-subscribing after a netlink error.

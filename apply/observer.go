@@ -49,7 +49,7 @@ const (
 var Objects = []Object{ObjectAddress, ObjectLink, ObjectChain, ObjectJump}
 
 // Triggers lists every Trigger, for metrics that show each from the start.
-var Triggers = []Trigger{TriggerStartup, TriggerInterval, TriggerAddress, TriggerLink, TriggerNFTables, TriggerLegacyChange}
+var Triggers = []Trigger{TriggerStartup, TriggerInterval, TriggerAddress, TriggerLink, TriggerNFTables, TriggerLegacyChange, TriggerRetry}
 
 // SkipReason says why a family's rules were not read.
 type SkipReason string

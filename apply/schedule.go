@@ -19,6 +19,12 @@ const (
 	debounceMax   = 100 * time.Millisecond
 )
 
+// A failed sync is retried on its own (TriggerRetry), like a verification
+// on events: at once, and held back as below from the holdAfter-th failure
+// in a row, so that a node whose repair was undone at once (where the
+// undoing caused no event or change of info that we did not already know)
+// or whose xtables lock was held is not left until the interval.
+//
 // holdAfter is how many syncs in a row may fail before verifications on
 // events are held back. Where repairs do not stick (a restore program that
 // stores rules in a form that lists differently, another agent reverting
@@ -128,6 +134,8 @@ type outcome struct {
 	holding bool
 	// released is set on the sync that ends a hold.
 	released bool
+	// retryIn is when the retry of a failed sync runs.
+	retryIn time.Duration
 }
 
 // done records a sync of sc that started at started and ended at now with
@@ -144,12 +152,13 @@ func (p *schedule) done(started, now time.Time, sc scope, err error) outcome {
 	p.addressCheckedAt = time.Time{}
 	p.failures++
 	o := outcome{failures: p.failures}
-	if p.failures < holdAfter {
-		return o
+	if p.failures >= holdAfter {
+		o.holdOff = min(debounceMax<<min(p.failures-holdAfter, 20), p.interval)
+		o.holding = p.failures == holdAfter
+		p.holdUntil = now.Add(o.holdOff)
 	}
-	o.holdOff = min(debounceMax<<min(p.failures-holdAfter, 20), p.interval)
-	o.holding = p.failures == holdAfter
-	p.holdUntil = now.Add(o.holdOff)
+	p.pending.add(now, TriggerRetry)
+	o.retryIn, _ = p.due(now)
 	return o
 }
 

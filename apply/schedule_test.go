@@ -2,6 +2,7 @@ package apply
 
 import (
 	"errors"
+	"slices"
 	"testing"
 	"time"
 )
@@ -164,5 +165,36 @@ func TestScheduleHoldOff(t *testing.T) {
 	}
 	if wait := p.event(now, TriggerNFTables); wait != debounceQuiet {
 		t.Errorf("an event after the hold ended waits %v, want %v", wait, debounceQuiet)
+	}
+}
+
+// TestScheduleRetriesAFailedSync proves that a failed sync is retried on
+// its own, checking everything: at once (after the debounce) for the first
+// failures, then after the hold-off, never later than the interval.
+func TestScheduleRetriesAFailedSync(t *testing.T) {
+	const interval = time.Second
+	p := newSchedule(interval, true)
+	now := t0
+	var retries []time.Duration
+	for i := 1; i <= 8; i++ {
+		o := p.done(now, now, everything, errors.New("read-back differs"))
+		retries = append(retries, o.retryIn)
+		if _, _, _, run := p.fire(now.Add(o.retryIn - time.Microsecond)); run {
+			t.Errorf("failure %d: the retry ran before %v", i, o.retryIn)
+		}
+		trigger, sc, _, run := p.fire(now.Add(o.retryIn))
+		if !run || trigger != TriggerRetry || sc != everything {
+			t.Errorf("failure %d: at %v: run %v, %q, %v; want a retry of everything", i, o.retryIn, run, trigger, sc)
+		}
+		now = now.Add(o.retryIn)
+	}
+	want := []time.Duration{debounceQuiet, debounceQuiet, 100 * time.Millisecond, 200 * time.Millisecond, 400 * time.Millisecond, 800 * time.Millisecond, interval, interval}
+	if !slices.Equal(retries, want) {
+		t.Errorf("retries after %v, want %v", retries, want)
+	}
+	// A success ends the retries.
+	p.done(now, now, everything, nil)
+	if _, pending := p.due(now); pending {
+		t.Error("a retry is pending after a sync succeeded")
 	}
 }

@@ -204,18 +204,21 @@ func (s *Sidecar) verify(ctx context.Context, trigger Trigger, sc scope) error {
 
 // Run syncs at once, then whenever events report a change that may concern
 // us (debounced), and every interval, until ctx is done; schedule decides
-// when and what. Failures are logged and retried at the next trigger; they
+// when and what. Failures are logged and retried (see TriggerRetry); they
 // never end the loop. A sync in progress when ctx is done runs to its end,
 // so that a signal never cuts a write short. events may be nil.
 func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan Trigger) {
 	p := newSchedule(interval, events != nil)
+	timer := s.clock.NewTimer(time.Hour)
+	timer.Stop()
+	defer timer.Stop()
 	sync := func(t Trigger, sc scope) {
 		started := s.clock.Now()
 		err := s.verify(context.WithoutCancel(ctx), t, sc)
 		o := p.done(started, s.clock.Now(), sc, err)
 		switch {
 		case err != nil:
-			klog.ErrorS(err, "Sync failed; retrying", "trigger", t, "consecutiveFailures", o.failures, "lockHeld", IsLockHeld(err), "retryIn", interval)
+			klog.ErrorS(err, "Sync failed; retrying", "trigger", t, "consecutiveFailures", o.failures, "lockHeld", IsLockHeld(err), "retryIn", o.retryIn)
 		case o.recovered > 0:
 			klog.InfoS("Sync succeeded again", "afterFailures", o.recovered)
 		}
@@ -228,13 +231,13 @@ func (s *Sidecar) Run(ctx context.Context, interval time.Duration, events <-chan
 		case o.holdOff > 0:
 			klog.V(2).InfoS("Holding back verifications on events", "consecutiveSyncs", o.failures, "holdOff", o.holdOff)
 		}
+		if wait, pending := p.due(s.clock.Now()); pending {
+			timer.Reset(wait)
+		}
 	}
 	sync(p.startup())
 	tick := s.clock.NewTicker(interval)
 	defer tick.Stop()
-	timer := s.clock.NewTimer(time.Hour)
-	timer.Stop()
-	defer timer.Stop()
 	for {
 		select {
 		case <-ctx.Done():

@@ -31,6 +31,8 @@ func TestSidecarSyncRunsEveryPartAndJoinsErrors(t *testing.T) {
 	}
 }
 
+// TestSidecarRunKeepsGoingAfterFailures: a failed sync is retried on its
+// own, with neither an event nor the interval (an hour) to wake the loop.
 func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 	nl := newFake(t, nil)
 	nl.fail = map[string]error{"AddrAdd lo": errors.New("permission denied")}
@@ -39,7 +41,7 @@ func TestSidecarRunKeepsGoingAfterFailures(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() {
-		s.Run(ctx, time.Millisecond, nil)
+		s.Run(ctx, time.Hour, nil)
 		close(done)
 	}()
 	deadline := time.Now().Add(10 * time.Second)

@@ -125,7 +125,7 @@ func New(o Options) *Telemetry {
 		}, []string{"family", "backend"}),
 		verifications: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "verifications_total",
-			Help: "Syncs started, by trigger: startup, interval, a kernel event (address_event, link_event, nftables_event), or a change polling found in a legacy iptables table (legacy_change).",
+			Help: "Syncs started, by trigger: startup, interval, a kernel event (address_event, link_event, nftables_event), a change polling found in a legacy iptables table (legacy_change), or the retry of a failed sync (retry).",
 		}, []string{"trigger"}),
 		verificationsSkip: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: Namespace, Name: "verifications_skipped_total",

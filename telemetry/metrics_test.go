@@ -212,6 +212,7 @@ apiserver_proxy_sidecar_verifications_total{trigger="interval"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="legacy_change"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="link_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="nftables_event"} 0
+apiserver_proxy_sidecar_verifications_total{trigger="retry"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="startup"} 0
 `
 	if diff := cmp.Diff(want, series(t, tel)); diff != "" {
@@ -303,6 +304,7 @@ apiserver_proxy_sidecar_verifications_total{trigger="interval"} 1
 apiserver_proxy_sidecar_verifications_total{trigger="legacy_change"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="link_event"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="nftables_event"} 1
+apiserver_proxy_sidecar_verifications_total{trigger="retry"} 0
 apiserver_proxy_sidecar_verifications_total{trigger="startup"} 1
 apiserver_proxy_sidecar_xtables_lock_waits_total{family="IPv4"} 1
 apiserver_proxy_sidecar_xtables_lock_waits_total{family="IPv6"} 0
