@@ -225,11 +225,14 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	defer address.Close()
 	var rules []*apply.Rules
 	tel := telemetry.New(telemetry.Options{SyncInterval: cfg.SyncInterval, Version: version})
+	// What the legacy tables' poller and the syncs last saw of them.
+	legacySeen := &apply.LegacySeen{}
 	if cfg.SetupIPTables {
 		ex := utilexec.New()
 		for _, rs := range rulesets {
 			r := apply.NewRules(ex, cfg.Backend, rs, tel)
 			r.SetTimeout(cfg.IPTablesTimeout)
+			r.SetLegacySeen(legacySeen)
 			rules = append(rules, r)
 		}
 	}
@@ -273,7 +276,7 @@ func startSidecar(ctx context.Context, cfg config.Config, rulesets []*render.Rul
 	// (microseconds a poll) unless the nft backend is configured.
 	events := make(chan apply.Trigger, 1)
 	watchers := apply.Watchers{Interface: cfg.Interface, Addrs: cfg.Addrs, NFTables: cfg.SetupIPTables,
-		Legacy: cfg.SetupIPTables && cfg.Backend != apply.BackendNFT}
+		Legacy: cfg.SetupIPTables && cfg.Backend != apply.BackendNFT, LegacySeen: legacySeen}
 	go watchers.Run(ctx, events)
 	sidecar.Run(ctx, cfg.SyncInterval, events)
 	if sig := receivedSignal(ctx); sig != "" {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/vishvananda/netns"
@@ -97,28 +98,73 @@ func (x *xtablesReader) info(f render.Family, table string) (xtables.TableInfo, 
 const legacyPollEvery = 100 * time.Millisecond
 
 // After a change, the tables are polled every legacyPollFast until
-// legacyFastFor passes without one: a change and its undoing (our repair
-// and another writer restoring what it had read before it) can fall
-// within one legacyPollEvery and leave the info as it was, unseen.
+// legacyFastFor passes without one: where a writer changes a table
+// several times in a row (a firewall reload, an operator's script), each
+// change is seen within 10 ms, not 100.
 const (
 	legacyPollFast = 10 * time.Millisecond
 	legacyFastFor  = time.Second
 )
 
+// LegacySeen is the info of each legacy table we use as this process last
+// knew it, shared by the poller and the syncs: a poll that reads anything
+// else reports a change, and a sync that finds our rules in place, or puts
+// them there and reads them back, records the info it found them under.
+//
+// A poller comparing only with its own last poll misses the undoing of a
+// repair: it reads the drifted info, we repair, another writer drifts the
+// table again before the next poll, and that poll reads the drifted info
+// once more. Knowing what the repair left, the poll sees the change.
+//
+// The zero LegacySeen is empty and ready to use; its methods are safe for
+// concurrent use, and a nil *LegacySeen records nothing.
+type LegacySeen struct {
+	mu   sync.Mutex
+	info map[legacyTable]xtables.TableInfo
+}
+
+type legacyTable struct {
+	family render.Family
+	name   string
+}
+
+// record makes in the info last known of table name of family f.
+func (l *LegacySeen) record(f render.Family, name string, in xtables.TableInfo) {
+	if l == nil {
+		return
+	}
+	l.swap(f, name, in)
+}
+
+// swap records in as the info of table name of family f and reports
+// whether it differs from what was known before (nothing known differs).
+func (l *LegacySeen) swap(f render.Family, name string, in xtables.TableInfo) (changed bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	k := legacyTable{f, name}
+	old, known := l.info[k]
+	if l.info == nil {
+		l.info = map[legacyTable]xtables.TableInfo{}
+	}
+	l.info[k] = in
+	return !known || old != in
+}
+
 // watchLegacy sends TriggerLegacyChange whenever the info of a legacy
-// table we use changes: the legacy backend has no change events, but
-// every rule added, deleted or resized, and every flush, changes a
-// table's entry count or size. A rewrite that leaves them all equal (a
-// rule replaced by one of the same size, a policy) is not seen here; the
-// next sync that reads the rules sees it.
+// table we use differs from what w.LegacySeen knows: the legacy backend
+// has no change events, but every rule added, deleted or resized, and
+// every flush, changes a table's entry count or size. A rewrite that
+// leaves them all equal (a rule replaced by one of the same size, a
+// policy) is not seen here; the next sync that reads the rules sees it.
 func (w Watchers) watchLegacy(ctx context.Context, send func(Trigger)) error {
 	ns := netns.None()
 	if w.Namespace != nil {
 		ns = *w.Namespace
 	}
 	type polled struct {
-		s     *xtables.Socket
-		table string
+		s      *xtables.Socket
+		family render.Family
+		table  string
 	}
 	var tables []polled
 	seen := map[render.Family]bool{}
@@ -138,26 +184,24 @@ func (w Watchers) watchLegacy(ctx context.Context, send func(Trigger)) error {
 			return err
 		}
 		for _, t := range rs.Tables {
-			tables = append(tables, polled{s, t.Name})
+			tables = append(tables, polled{s, f, t.Name})
 		}
 	}
-	last := make([]xtables.TableInfo, len(tables))
-	poll := func() (changed bool, err error) {
-		for i, p := range tables {
+	known := w.LegacySeen
+	if known == nil {
+		known = &LegacySeen{}
+	}
+	var polls []legacyPoll
+	for _, p := range tables {
+		polls = append(polls, legacyPoll{p.family, p.table, func() (xtables.TableInfo, error) {
 			in, err := p.s.Info(p.table)
 			if errors.Is(err, xtables.ErrNoTable) {
-				in, err = xtables.TableInfo{}, nil
+				return xtables.TableInfo{}, nil
 			}
-			if err != nil {
-				return false, fmt.Errorf("polling the legacy %s table %s: %w", p.s.Family(), p.table, err)
-			}
-			if in != last[i] {
-				klog.V(4).InfoS("Legacy table changed", "family", p.s.Family(), "table", p.table, "entries", in.NumEntries, "size", in.Size)
-				last[i], changed = in, true
-			}
-		}
-		return changed, nil
+			return in, err
+		}})
 	}
+	poll := func() (bool, error) { return pollLegacy(polls, known) }
 	if _, err := poll(); err != nil {
 		return err
 	}
@@ -184,4 +228,27 @@ func (w Watchers) watchLegacy(ctx context.Context, send func(Trigger)) error {
 			period = legacyPollFast
 		}
 	}
+}
+
+// legacyPoll is one legacy table the poller asks for its info.
+type legacyPoll struct {
+	family render.Family
+	table  string
+	info   func() (xtables.TableInfo, error)
+}
+
+// pollLegacy reads the info of each of polls and reports whether any
+// differs from what known knew, which then knows the new info.
+func pollLegacy(polls []legacyPoll, known *LegacySeen) (changed bool, err error) {
+	for _, p := range polls {
+		in, err := p.info()
+		if err != nil {
+			return false, fmt.Errorf("polling the legacy %s table %s: %w", p.family, p.table, err)
+		}
+		if known.swap(p.family, p.table, in) {
+			klog.V(4).InfoS("Legacy table changed", "family", p.family, "table", p.table, "entries", in.NumEntries, "size", in.Size)
+			changed = true
+		}
+	}
+	return changed, nil
 }

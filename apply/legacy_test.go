@@ -2,8 +2,10 @@ package apply
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -72,5 +74,64 @@ func isNFT(argv string) bool { return len(argv) >= 12 && argv[:12] == "iptables-
 func TestLegacyChangeConcernsOnlyLegacy(t *testing.T) {
 	if got := scopeOf(TriggerLegacyChange); got != (scope{rules: true}) {
 		t.Errorf("scope of %s = %v, want rules only", TriggerLegacyChange, got)
+	}
+}
+
+// TestLegacyPollSeesRepairUndone: another writer deletes our jump, the
+// poll sees it, a sync repairs it, and the writer deletes it again before
+// the next poll. That poll reads the same info as the one before the
+// repair; it reports a change only because the sync told the shared
+// LegacySeen what its repair left. Without the sharing it would not, and
+// the jump would stay missing until legacyTrust ran out.
+func TestLegacyPollSeesRepairUndone(t *testing.T) {
+	for _, shared := range []bool{true, false} {
+		t.Run(fmt.Sprintf("shared=%v", shared), func(t *testing.T) {
+			rs := ruleset(t, "10.96.0.2")
+			n := newFakeNode(t).loadLegacy(render.IPv4).converged(BackendLegacy, rs)
+			n.legacyInProcess = true
+			r, _ := n.rules(BackendLegacy, rs)
+			known := &LegacySeen{}
+			if shared {
+				r.SetLegacySeen(known)
+			}
+			var polls []legacyPoll
+			for _, tbl := range rs.Tables {
+				polls = append(polls, legacyPoll{render.IPv4, tbl.Name, func() (xtables.TableInfo, error) {
+					return n.legacyInfo(render.IPv4, tbl.Name)
+				}})
+			}
+			poll := func(what string) bool {
+				t.Helper()
+				changed, err := pollLegacy(polls, known)
+				if err != nil {
+					t.Fatalf("%s: %v", what, err)
+				}
+				return changed
+			}
+			deleteJump := func() {
+				n.mu.Lock()
+				defer n.mu.Unlock()
+				n.tables[nodeKey{BackendLegacy, render.IPv4}]["filter"].chains["INPUT"].rules = nil
+			}
+			ctx := context.Background()
+			poll("first poll")
+			if _, err := r.Sync(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if poll("converged") {
+				t.Fatal("a poll of converged tables reported a change")
+			}
+			deleteJump()
+			if !poll("after the deletion") {
+				t.Fatal("the deleted jump was not seen")
+			}
+			if drifts, err := r.Sync(ctx); err != nil || len(drifts) != 1 {
+				t.Fatalf("repair: drifts %v, error %v", drifts, err)
+			}
+			deleteJump()
+			if got := poll("after the repair was undone"); got != shared {
+				t.Fatalf("poll after the repair was undone reported a change: %v, want %v", got, shared)
+			}
+		})
 	}
 }

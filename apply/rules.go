@@ -16,6 +16,7 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nfnl"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
 
@@ -44,10 +45,14 @@ type Rules struct {
 	observer   Observer
 
 	// verifiedStamp is what readStamp read at the start of the last sync
-	// that found everything in place and wrote nothing, at verifiedAt; zero
+	// that found everything in place and wrote nothing, or of the last
+	// read-back that found our write in place, at verifiedAt; zero
 	// verifiedAt means there is none since the last write.
 	verifiedStamp string
 	verifiedAt    time.Time
+	// legacySeen, if set, learns the legacy tables' info of every verified
+	// stamp, for the poller (see LegacySeen).
+	legacySeen *LegacySeen
 }
 
 // generationTrust bounds how long an unchanged nftables generation may
@@ -127,9 +132,9 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 			return nil, err
 		}
 	}
-	stamp, reason, trust, stampOK := r.readStamp()
-	if stampOK && !r.verifiedAt.IsZero() && stamp == r.verifiedStamp && time.Since(r.verifiedAt) < trust {
-		r.observer.VerificationSkipped(reason)
+	st, stampOK := r.readStamp()
+	if stampOK && !r.verifiedAt.IsZero() && st.key == r.verifiedStamp && time.Since(r.verifiedAt) < st.trust {
+		r.observer.VerificationSkipped(st.reason)
 		return nil, nil
 	}
 	r.verifiedAt = time.Time{}
@@ -188,7 +193,7 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 	if stampOK && len(payload) == 0 {
 		// Everything was in place when the stamp was read: until it
 		// changes, it still is.
-		r.verifiedStamp, r.verifiedAt = stamp, started
+		r.verified(st, started)
 	}
 	return drifts, nil
 }
@@ -202,7 +207,7 @@ func (r *Rules) Sync(ctx context.Context) ([]Drift, error) {
 // stamp, so the event (or, with legacy, the change of info) our own write
 // caused costs no read.
 func (r *Rules) readBack(ctx context.Context) error {
-	stamp, _, _, stampOK := r.readStamp()
+	st, stampOK := r.readStamp()
 	started := time.Now()
 	states, err := r.readAll(ctx, r.backend)
 	if err != nil {
@@ -220,39 +225,67 @@ func (r *Rules) readBack(ctx context.Context) error {
 			program(r.backend, r.ruleset.Family, backend.Restore), strings.Join(still, "; "))
 	}
 	if stampOK {
-		r.verifiedStamp, r.verifiedAt = stamp, started
+		r.verified(st, started)
 	}
 	return nil
 }
 
-// readStamp returns what changes whenever the backend in use changes our
-// rules, read in microseconds, and the reason a sync skipped on it gives:
-// with nft the nftables generation, which every commit moves; with legacy
-// the info (entry count, size, chain offsets) of each table we use, which
-// every rule added, deleted or resized changes; and how long an unchanged
-// stamp may be trusted. ok is false where there is none to read.
-func (r *Rules) readStamp() (stamp string, reason SkipReason, trust time.Duration, ok bool) {
+// verified records that our rules were in place under st, read at at.
+func (r *Rules) verified(st stamp, at time.Time) {
+	r.verifiedStamp, r.verifiedAt = st.key, at
+	for i, t := range r.ruleset.Tables {
+		if i < len(st.legacy) {
+			r.legacySeen.record(r.ruleset.Family, t.Name, st.legacy[i])
+		}
+	}
+}
+
+// SetLegacySeen makes every sync that finds our legacy rules in place, or
+// puts them there, tell l the tables' info it found them under.
+func (r *Rules) SetLegacySeen(l *LegacySeen) { r.legacySeen = l }
+
+// stamp is what readStamp reads.
+type stamp struct {
+	// key changes whenever the backend in use changes our rules.
+	key string
+	// reason is what a sync skipped on the stamp reports.
+	reason SkipReason
+	// trust is how long an unchanged key may stand in for reading.
+	trust time.Duration
+	// legacy is the info of each of the ruleset's tables, with legacy.
+	legacy []xtables.TableInfo
+}
+
+// readStamp reads, in microseconds, what changes whenever the backend in
+// use changes our rules: with nft the nftables generation, which every
+// commit moves; with legacy the info (entry count, size, chain offsets) of
+// each table we use, which every rule added, deleted or resized changes.
+// ok is false where there is none to read.
+func (r *Rules) readStamp() (st stamp, ok bool) {
 	switch r.backend {
 	case BackendNFT:
 		gen, err := r.run.node.generation()
 		if err != nil {
 			klog.V(2).InfoS("Cannot read the nftables generation; reading the rules", "err", err)
-			return "", "", 0, false
+			return stamp{}, false
 		}
-		return strconv.FormatUint(uint64(gen), 10), SkipGenerationUnchanged, generationTrust, true
+		return stamp{key: strconv.FormatUint(uint64(gen), 10), reason: SkipGenerationUnchanged, trust: generationTrust}, true
 	case BackendLegacy:
+		st := stamp{reason: SkipLegacyUnchanged, trust: legacyTrust}
 		var b strings.Builder
 		for _, t := range r.ruleset.Tables {
 			in, err := r.run.node.legacyInfo(r.ruleset.Family, t.Name)
 			if err != nil {
 				klog.V(2).InfoS("Cannot read the legacy tables' info; reading the rules", "family", r.ruleset.Family, "table", t.Name, "err", err)
-				return "", "", 0, false
+				return stamp{}, false
 			}
 			fmt.Fprintf(&b, "%s %+v\n", t.Name, in)
+			st.legacy = append(st.legacy, in)
 		}
-		return b.String(), SkipLegacyUnchanged, legacyTrust, true
+		st.key = b.String()
+		return st, true
 	}
-	return "", "", 0, false
+	return stamp{}, false
 }
 
 // choose settles the backend: the configured one, or the detected one.

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"slices"
@@ -10,8 +11,10 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 )
 
 // TestEventsRepairWithoutWaitingForTheInterval runs the daemon with an hour
@@ -126,6 +129,89 @@ func TestLegacyRepairsOnChange(t *testing.T) {
 		slices.Sort(took)
 		t.Logf("%s: median repair %v, measured from outside with iptables-legacy -S (all: %v)", tc.name, took[len(took)/2], took)
 	}
+	if n := strings.Count(d.log(), `trigger="interval"`); n != 0 {
+		t.Errorf("%d interval syncs with an hour's interval", n)
+	}
+}
+
+// TestLegacyRepairUndoneAtOnce deletes our jump again the moment the
+// daemon's repair of it is in the kernel (seen by asking the table's info
+// in-process, in microseconds), so that the deletion often lands before
+// the poller's next look and that look reads the same info as the one
+// before the repair. Each deletion must still be repaired, on a change,
+// within an hour's interval.
+func TestLegacyRepairUndoneAtOnce(t *testing.T) {
+	bin := e2eTest(t, "iptables-legacy")
+	ns := netnstest.New(t)
+	d := startDaemon(t, ns, bin, "--ip-address", "10.96.0.2", "--setup-iptables", "--iptables-backend", "legacy", "--sync-interval", "1h", "-v", "2")
+	target, err := netns.GetFromName(ns.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer target.Close()
+	sock, err := xtables.Open(target, xtables.IPv4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sock.Close()
+	entries := func() uint32 {
+		in, err := sock.Info("filter")
+		if err != nil {
+			t.Fatalf("info of the filter table: %v", err)
+		}
+		return in.NumEntries
+	}
+	hasJump := func() bool {
+		input, err := ns.RunErr("iptables-legacy", "-t", "filter", "-S", "INPUT")
+		return err == nil && strings.Count(input, "-A INPUT -j APISERVER-PROXY-INPUT") == 1
+	}
+	// A restore started beforehand and handed its input when the repair
+	// is seen deletes the jump about a millisecond later: a deletion with
+	// iptables-legacy would first start a process, which takes longer than
+	// the poller's 10 ms between looks.
+	deleteJumpSoon := func() (deleteNow func()) {
+		cmd := ns.Command("iptables-legacy-restore", "--noflush", "--wait=5")
+		in, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var stderr strings.Builder
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return func() {
+			t.Helper()
+			_, err := io.WriteString(in, "*filter\n-D INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n")
+			if err == nil {
+				err = in.Close()
+			}
+			if err == nil {
+				err = cmd.Wait()
+			}
+			if err != nil {
+				t.Fatalf("deleting the jump: %v: %s", err, stderr.String())
+			}
+		}
+	}
+	d.startupSynced(t)
+	eventually(t, "first sync", hasJump)
+	settle(t, d)
+	whole := entries()
+	deleteJumpSoon()()
+	for i := range 10 {
+		deleteNow := deleteJumpSoon()
+		// The repair puts the one entry back; delete it again at once.
+		// Asking the info costs microseconds: poll it without pausing.
+		deadline := time.Now().Add(10 * time.Second)
+		for entries() != whole {
+			if time.Now().After(deadline) {
+				t.Fatalf("deletion %d: not repaired within 10s", i+1)
+			}
+		}
+		deleteNow()
+	}
+	eventually(t, "the last deletion repaired", hasJump)
 	if n := strings.Count(d.log(), `trigger="interval"`); n != 0 {
 		t.Errorf("%d interval syncs with an hour's interval", n)
 	}
