@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/vishvananda/netlink"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/xtables"
 )
 
 const (
@@ -671,11 +673,37 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 			return out, fmt.Errorf("%s not in place before breaking it: %w", kind, err)
 		}
 	}
+	// With legacy, iptables-legacy -S of a table of 50,000 rules takes
+	// half a second, which would be most of what is measured: the moment
+	// the repair is in the kernel is when the filter table's entry count,
+	// asked in-process in microseconds, is back to what it was; a check
+	// with iptables -S then confirms it.
+	var entries func() (uint32, error)
+	if backend == "legacy" {
+		sock, err := xtables.Open(ns.handle, xtables.IPv4)
+		if err != nil {
+			return out, err
+		}
+		defer sock.Close()
+		entries = func() (uint32, error) {
+			in, err := sock.Info("filter")
+			return in.NumEntries, err
+		}
+	}
 	for i, kind := range repairKinds {
 		var lat, checks []float64
+		var wholeEntries uint32
 		timed := func() (bool, error) {
 			start := time.Now()
-			ok, err := check[kind]()
+			var ok bool
+			var err error
+			if entries != nil && kind != "address" {
+				var n uint32
+				n, err = entries()
+				ok = n == wholeEntries
+			} else {
+				ok, err = check[kind]()
+			}
 			checks = append(checks, float64(time.Since(start)))
 			return ok, err
 		}
@@ -684,12 +712,25 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 				return out, err
 			}
 			repairedBefore := d.repairs()
+			if entries != nil {
+				if wholeEntries, err = entries(); err != nil {
+					return out, err
+				}
+			}
 			if err := breakIt[kind](); err != nil {
 				return out, fmt.Errorf("breaking the %s: %w", kind, err)
 			}
 			start := time.Now()
 			err := b.pollWhole(ctx, timed, 20*time.Second)
 			took := time.Since(start)
+			if err == nil && entries != nil && kind != "address" {
+				// The count is back; the rules must be too. Where they are
+				// not yet, the repair is when they are.
+				if whole, cerr := check[kind](); cerr != nil || !whole {
+					err = b.pollWhole(ctx, check[kind], 20*time.Second)
+					took = time.Since(start)
+				}
+			}
 			if err == nil {
 				// The check may see the repair before its log line is
 				// read from the pipe; quiet must wait from that line on.
