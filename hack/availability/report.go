@@ -133,11 +133,7 @@ func (r result) verdict() string {
 		if c := r.control(); c.MaxGap > t && !r.Scenario.flushesControl && !(r.Backend == "legacy" && r.maxGap() > 2*c.MaxGap) {
 			return fmt.Sprintf("not measured (≤ %s): the control, which nothing here touches, went %s without a success itself: the machine stalled the measurement", ms(t), ms(c.MaxGap))
 		}
-		why := "see the note below the table"
-		if r.Backend == "legacy" && !strings.Contains(r.Scenario.Name, "address") {
-			why = "legacy rules are repaired at the next `--sync-interval` (" + legacySyncInterval.String() + " here): no change detection for legacy yet"
-		}
-		return fmt.Sprintf("**missed** (≤ %s): %s%s", ms(t), why, r.stalled())
+		return fmt.Sprintf("**missed** (≤ %s): see the note below the table%s", ms(t), r.stalled())
 	default:
 		return "none (a gap is expected)"
 	}
@@ -277,10 +273,10 @@ sidecar's: where it fails too, the machine stalled the measurement.
   ClusterIP %[1]s:443 to the proxy's address %[2]s:443 in nat; an echo
   server standing for haproxy on both addresses (bound with IP_FREEBIND);
   the sidecar's daemon with `+"`--ip-address=%[2]s,%[1]s --setup-iptables`"+`
-  (interception), on nft with the default `+"`--sync-interval`"+` (changes
-  are seen as events) and on legacy with `+"`--sync-interval=%[3]s`"+`
-  (legacy has no change detection: its rules are repaired at the next
-  sync; the address is watched through netlink on both).
+  (interception), with the default `+"`--sync-interval`"+` (1m) on both
+  backends: changes to nft rules are seen as events, changes to legacy
+  tables by polling their info, and the address is watched through
+  netlink.
 - **The clients.** In-process, from a "pod" namespace joined to the node
   by a veth and from the node itself, to the proxy's address directly and
   to the ClusterIP: four paths. Every attempt is a fresh connection; it
@@ -328,7 +324,7 @@ sidecar's: where it fails too, the machine stalled the measurement.
   legacy the rules cannot be watched and only the control counts. A gap
   target is *not measured* where the control itself went longer than the
   target without a success in the same window.
-`, clusterIP, proxyAddr, legacySyncInterval, healthyStreak, p.Timeout, p.Kills, p.Updates, p.Faults, p.Storm)
+`, clusterIP, proxyAddr, faultCycle, healthyStreak, p.Timeout, p.Kills, p.Updates, p.Faults, p.Storm)
 	return b.String()
 }
 

@@ -83,18 +83,14 @@ func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
 // sidecarArgs is the daemon's command line on this backend.
 func (n *node) sidecarArgs(cleanup bool) []string {
 	args := []string{"--ip-address=" + proxyAddr + "," + clusterIP, "--setup-iptables", "--iptables-backend=" + n.backend, "-v=2"}
-	if n.backend == "legacy" {
-		args = append(args, "--sync-interval="+legacySyncInterval.String())
-	}
 	if cleanup {
 		args = append(args, "--cleanup")
 	}
 	return args
 }
 
-// legacySyncInterval is the legacy backend's interval here: without
-// change detection, legacy rules are repaired at the next sync.
-const legacySyncInterval = time.Second
+// faultCycle is the span disruptions fall at random points of.
+const faultCycle = time.Second
 
 // newNode builds backend's node, starts the sidecar and the clients, and
 // returns once every path is reachable.
@@ -365,7 +361,7 @@ func rollingUpdate(ctx context.Context, n *node, events int, cleanup bool) (stri
 			if err := n.clients.waitHealthy(ctx, time.Now(), recoverTimeout); err != nil {
 				return "", err
 			}
-			pause(ctx, legacySyncInterval)
+			pause(ctx, faultCycle)
 		}
 	}
 	return "", nil
@@ -384,7 +380,7 @@ func replace(ctx context.Context, n *node, cleanup bool) error {
 }
 
 // pause waits up to d, a random share of it: disruptions then fall at
-// random points of the sidecar's sync interval.
+// random points of the sidecar's work (syncs, polls, debounces).
 func pause(ctx context.Context, d time.Duration) {
 	t := time.NewTimer(time.Duration(rand.Int64N(int64(d))))
 	defer t.Stop()
@@ -395,11 +391,11 @@ func pause(ctx context.Context, d time.Duration) {
 }
 
 // fault repeats do events times, each time waiting for every path to work
-// again before the next, at a random point of the sync interval.
+// again before the next, at a random point of a faultCycle.
 func fault(do func(ctx context.Context, n *node) error) func(ctx context.Context, n *node, events int) (string, error) {
 	return func(ctx context.Context, n *node, events int) (string, error) {
 		for range events {
-			pause(ctx, legacySyncInterval)
+			pause(ctx, faultCycle)
 			if err := do(ctx, n); err != nil {
 				return "", err
 			}
