@@ -223,6 +223,9 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 				r.Changes = int(n.changes.Load() - changes0)
 			}
 			logf("%s: %s: %s", bk, sc.Name, r.summary())
+			for _, line := range r.failureLines(t0, maxFailureLines) {
+				logf("  %s", line)
+			}
 			rep.Results = append(rep.Results, r)
 		}
 		n.close()
