@@ -108,6 +108,12 @@ type pathClient struct {
 	st       pathStats
 	lastOK   time.Time
 	okStreak int
+	// since is when the window began: an attempt started before it
+	// belongs to no window (the one before waited for it in end).
+	since time.Time
+	// busy is, per worker, the start of its attempt in flight (zero when
+	// idle).
+	busy []time.Time
 }
 
 // clients keeps every path's attempts going until stopped.
@@ -132,7 +138,7 @@ func startClients(paths []path, interval, timeout time.Duration) (*clients, erro
 	now := time.Now()
 	sources := map[*namespace]*socketSource{}
 	for _, p := range paths {
-		pc := &pathClient{path: p, work: make(chan struct{}), lastOK: now}
+		pc := &pathClient{path: p, work: make(chan struct{}), lastOK: now, busy: make([]time.Time, workers)}
 		c.paths = append(c.paths, pc)
 		src := sources[p.from]
 		if src == nil {
@@ -151,11 +157,11 @@ func startClients(paths []path, interval, timeout time.Duration) (*clients, erro
 			}
 			sources[p.from] = src
 		}
-		for range workers {
+		for w := range workers {
 			c.wg.Add(1)
 			go func() {
 				defer c.wg.Done()
-				pc.attempts(ctx, src, timeout)
+				pc.attempts(ctx, src, timeout, w)
 			}()
 		}
 		c.wg.Add(1)
@@ -194,8 +200,8 @@ func (pc *pathClient) schedule(ctx context.Context, interval time.Duration) {
 }
 
 // attempts runs attempts as the scheduler hands them out, on sockets
-// from src.
-func (pc *pathClient) attempts(ctx context.Context, src *socketSource, timeout time.Duration) {
+// from src, as worker w.
+func (pc *pathClient) attempts(ctx context.Context, src *socketSource, timeout time.Duration, w int) {
 	msg := []byte("availability ping")
 	buf := make([]byte, len(msg))
 	for {
@@ -204,8 +210,11 @@ func (pc *pathClient) attempts(ctx context.Context, src *socketSource, timeout t
 			return
 		case <-pc.work:
 		}
+		pc.mu.Lock()
+		pc.busy[w] = time.Now()
+		pc.mu.Unlock()
 		start, end, f := judgedAttempt(src, pc.target, msg, buf, timeout)
-		pc.record(start, end, f)
+		pc.record(start, end, f, w)
 	}
 }
 
@@ -314,10 +323,21 @@ func cause(err error) error {
 	return err
 }
 
-// record counts an attempt from start to now, failed where f is not nil.
-func (pc *pathClient) record(start, now time.Time, f *failure) {
+// record counts worker w's attempt from start to now, failed where f is
+// not nil, in the window it started in.
+func (pc *pathClient) record(start, now time.Time, f *failure, w int) {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
+	pc.busy[w] = time.Time{}
+	if start.Before(pc.since) {
+		// Started before this window began, it is the last one's, or
+		// between windows: a SYN dropped in an outage that ended there
+		// must not fail in the next scenario.
+		if f == nil && now.After(pc.lastOK) {
+			pc.lastOK = now
+		}
+		return
+	}
 	pc.st.Attempted++
 	if f != nil {
 		pc.st.Failed++
@@ -343,15 +363,25 @@ func (pc *pathClient) record(start, now time.Time, f *failure) {
 // begin starts a window: every path's counts start from 0. A gap that
 // began before it and ends in it counts in it.
 func (c *clients) begin() {
+	now := time.Now()
 	for _, pc := range c.paths {
 		pc.mu.Lock()
 		pc.st = pathStats{}
+		pc.since = now
 		pc.mu.Unlock()
 	}
 }
 
-// end closes the window and returns every path's stats, in path order.
+// end closes the window, once every attempt started in it has ended (at
+// most a timeout later), and returns every path's stats, in path order.
 func (c *clients) end() []pathStats {
+	cut := time.Now()
+	deadline := cut.Add(c.timeout + time.Second)
+	tick := time.NewTicker(c.interval)
+	defer tick.Stop()
+	for c.inFlightBefore(cut) && time.Now().Before(deadline) {
+		<-tick.C
+	}
 	now := time.Now()
 	var out []pathStats
 	for _, pc := range c.paths {
@@ -365,6 +395,21 @@ func (c *clients) end() []pathStats {
 	}
 	markStalls(out)
 	return out
+}
+
+// inFlightBefore says whether an attempt started before t is still going.
+func (c *clients) inFlightBefore(t time.Time) bool {
+	for _, pc := range c.paths {
+		pc.mu.Lock()
+		for _, b := range pc.busy {
+			if !b.IsZero() && b.Before(t) {
+				pc.mu.Unlock()
+				return true
+			}
+		}
+		pc.mu.Unlock()
+	}
+	return false
 }
 
 // healthyStreak is how many successes in a row make a path healthy again.

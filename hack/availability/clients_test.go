@@ -107,3 +107,20 @@ func TestAttemptsJudgedByTheKernel(t *testing.T) {
 		}
 	}
 }
+
+// TestAttemptCountsInTheWindowItStarted: an attempt that started before a
+// window began (its SYN dropped in the last scenario's outage) and fails
+// inside it is not counted there.
+func TestAttemptCountsInTheWindowItStarted(t *testing.T) {
+	t0 := time.Now()
+	pc := &pathClient{lastOK: t0, busy: make([]time.Time, 2)}
+	c := &clients{paths: []*pathClient{pc}, interval: time.Millisecond, timeout: 10 * time.Millisecond}
+	c.begin()
+	before := pc.since.Add(-100 * time.Millisecond)
+	pc.record(before, pc.since.Add(200*time.Millisecond), &failure{err: "i/o timeout"}, 0)
+	pc.record(pc.since, pc.since.Add(time.Millisecond), &failure{err: "i/o timeout"}, 1)
+	st := c.end()[0]
+	if st.Attempted != 1 || st.Failed != 1 {
+		t.Errorf("attempted %d, failed %d; want 1 and 1: only the attempt started in the window", st.Attempted, st.Failed)
+	}
+}

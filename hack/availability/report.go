@@ -387,7 +387,9 @@ sidecar's: where it fails too, the machine stalled the measurement.
   namespace it was created in); the attempts run on ordinary goroutines.
 - **The gap** is the longest time between two successful attempts'
   completions on a path, measured until every path has had %[4]d
-  successes in a row after the last event.
+  successes in a row after the last event. An attempt counts in the
+  scenario it started in: a window closes once every attempt started in
+  it has ended.
 - **A default-TCP client** does not give up after %[5]s: its dropped SYN
   is sent again 1 s, 3 s, 7 s, ... after the first. The column gives the
   first of those at or after the longest gap, where an attempt failed:
