@@ -71,6 +71,7 @@ func availabilityMain(args []string) int {
 	short := fs.Bool("short", false, "fewer repetitions and a 6 s storm (about 1 minute instead of 3)")
 	only := fs.String("only", "", "run only the scenarios whose name contains this (to look into one)")
 	backends := fs.String("backends", "nft,legacy", "the iptables backends to run on, comma-separated")
+	stormLen := fs.Duration("storm", 0, "the writer storm's length (default 30s, 6s with -short)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -109,6 +110,17 @@ func availabilityMain(args []string) int {
 
 	p := newPlan(*short)
 	p.Only = *only
+	if *stormLen < 0 || (*stormLen > 0 && *stormLen < time.Second) {
+		fmt.Fprintf(os.Stderr, "availability: -storm: %s is not 1s or more\n", *stormLen)
+		return 2
+	}
+	if *stormLen > p.Storm {
+		// Each backend runs the storm once.
+		p.Bound += 2 * (*stormLen - p.Storm)
+	}
+	if *stormLen > 0 {
+		p.Storm = *stormLen
+	}
 	p.Backends = nil
 	for _, b := range strings.Split(*backends, ",") {
 		if b != "nft" && b != "legacy" {
@@ -211,6 +223,9 @@ func run(ctx context.Context, h *harness, bin string, p plan) (*report, error) {
 				r.Changes = int(n.changes.Load() - changes0)
 			}
 			logf("%s: %s: %s", bk, sc.Name, r.summary())
+			for _, line := range r.failureLines(t0, maxFailureLines) {
+				logf("  %s", line)
+			}
 			rep.Results = append(rep.Results, r)
 		}
 		n.close()

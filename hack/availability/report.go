@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"runtime"
+	"sort"
 	"strings"
 	"time"
 
@@ -61,6 +62,23 @@ func (r result) inStall() (n int) {
 	return n
 }
 
+// late is how many of failed the kernel had answered in time: the
+// measuring process ran late.
+func (r result) late() (n int) {
+	for _, p := range r.served() {
+		n += p.Late
+	}
+	return n
+}
+
+// own is how many of failed were neither in a stall nor late.
+func (r result) own() (n int) {
+	for _, p := range r.served() {
+		n += p.Own
+	}
+	return n
+}
+
 func (r result) skipped() (n int) {
 	for _, p := range r.Paths {
 		n += p.Skipped
@@ -95,6 +113,41 @@ func (r result) summary() string {
 	return s
 }
 
+// maxFailureLines bounds the failed attempts logged per scenario.
+const maxFailureLines = 40
+
+// failureLines describes up to max failed attempts, in the order they
+// started, on every path: when (from t0), how late the connect was
+// issued, how long until the client gave up, its error and the kernel's
+// view of its socket.
+func (r result) failureLines(t0 time.Time, max int) []string {
+	type line struct {
+		from time.Time
+		text string
+	}
+	var lines []line
+	for i, p := range r.Paths {
+		for _, f := range p.failures {
+			connect := "never issued"
+			if f.connectAfter >= 0 {
+				connect = "issued after " + ms(f.connectAfter)
+			}
+			lines = append(lines, line{f.from, fmt.Sprintf("%s at +%s: connect %s, gave up after %s: %s; %s",
+				r.PathNames[i], ms(f.from.Sub(t0)), connect, ms(f.to.Sub(f.from)), f.err, f.why)})
+		}
+	}
+	sort.Slice(lines, func(a, b int) bool { return lines[a].from.Before(lines[b].from) })
+	var out []string
+	for i, l := range lines {
+		if i == max {
+			out = append(out, fmt.Sprintf("... and %d more", len(lines)-max))
+			break
+		}
+		out = append(out, l.text)
+	}
+	return out
+}
+
 // Targets.
 const (
 	nftGapTarget    = 100 * time.Millisecond
@@ -115,15 +168,15 @@ func (r result) verdict() string {
 		// Nothing of these touches the node's own rules the control goes
 		// through: a failure overlapping one of the control's is the
 		// machine stalling, and does not count against the sidecar.
-		switch own := r.failed() - r.inStall(); {
+		switch own := r.own(); {
 		case r.failed() == 0:
 			return "met: 0 failed"
 		case own == 0:
-			return fmt.Sprintf("met: 0 failed but %d during stalls of the machine that failed the control %d times", r.failed(), r.control().Failed)
+			return fmt.Sprintf("met: 0 failed but %d the machine's: %s", r.failed(), r.machineShare())
 		case r.Changes == 0:
 			return fmt.Sprintf("met: 0 failed but %d attempts timed out while neither the ruleset nor an address changed at all (0 events from nft monitor and ip monitor): the machine's scheduling", r.failed())
 		default:
-			return fmt.Sprintf("**missed**: %d failed, %d of them outside stalls (%s)", r.failed(), own, r.firstErr())
+			return fmt.Sprintf("**missed**: %d failed, %d of them neither during stalls nor answered late (%s)", r.failed(), own, r.firstOwnErr())
 		}
 	case external:
 		t := gapTarget(r.Backend)
@@ -137,6 +190,48 @@ func (r result) verdict() string {
 	default:
 		return "none (a gap is expected)"
 	}
+}
+
+// machineShare says which of the failed attempts were the machine's:
+// during stalls that failed the control too, or answered in time by the
+// kernel while the measuring process ran late.
+func (r result) machineShare() string {
+	var parts []string
+	if n := r.inStall(); n > 0 {
+		parts = append(parts, fmt.Sprintf("%d during stalls that failed the control %d times", n, r.control().Failed))
+	}
+	if n := r.failed() - r.inStall() - r.own(); n > 0 {
+		parts = append(parts, fmt.Sprintf("%d answered in time by the kernel, the measuring process late", n))
+	}
+	return strings.Join(parts, ", ")
+}
+
+// firstOwnErr is the first failure held against the sidecar, with the
+// kernel's view of its socket.
+func (r result) firstOwnErr() string {
+	var first *failure
+	name := ""
+	for i, p := range r.served() {
+		for j, f := range p.failures {
+			if !f.late && (first == nil || f.from.Before(first.from)) && !r.overlapsControl(f) {
+				first, name = &p.failures[j], r.PathNames[i]
+			}
+		}
+	}
+	if first == nil {
+		return r.firstErr()
+	}
+	return name + ": " + first.err + ": " + first.why
+}
+
+// overlapsControl says whether f overlapped a failure of the control.
+func (r result) overlapsControl(f failure) bool {
+	for _, c := range r.control().failures {
+		if f.from.Before(c.to) && c.from.Before(f.to) {
+			return true
+		}
+	}
+	return false
 }
 
 func (r result) firstErr() string {
@@ -180,8 +275,8 @@ type report struct {
 func (rep *report) lifecycleMissed() []string {
 	var out []string
 	for _, r := range rep.Results {
-		if own := r.failed() - r.inStall(); r.Scenario.Kind == lifecycle && own > 0 && r.Changes != 0 {
-			out = append(out, fmt.Sprintf("%s, %s: %d failed outside stalls of the machine (%s)", r.Backend, r.Scenario.Name, own, r.firstErr()))
+		if own := r.own(); r.Scenario.Kind == lifecycle && own > 0 && r.Changes != 0 {
+			out = append(out, fmt.Sprintf("%s, %s: %d failed neither during stalls of the machine nor answered late (%s)", r.Backend, r.Scenario.Name, own, r.firstOwnErr()))
 		}
 	}
 	return out
@@ -257,6 +352,9 @@ sidecar's: where it fails too, the machine stalled the measurement.
 		if s := r.skipped(); s > 0 {
 			notes = append(notes, fmt.Sprintf("%d attempts not started on time (every worker busy)", s))
 		}
+		if n := r.late(); n > 0 {
+			notes = append(notes, fmt.Sprintf("%d of the %d failed attempts answered in time by the kernel, the measuring process late", n, r.failed()))
+		}
 		if e := r.firstErr(); e != "" {
 			notes = append(notes, "first error: "+e)
 		}
@@ -281,9 +379,13 @@ sidecar's: where it fails too, the machine stalled the measurement.
   by a veth and from the node itself, to the proxy's address directly and
   to the ClusterIP: four paths. Every attempt is a fresh connection; it
   closes with a reset so that minutes of them leave no TIME_WAIT behind.
+  One thread per namespace creates the sockets (a socket stays in the
+  namespace it was created in); the attempts run on ordinary goroutines.
 - **The gap** is the longest time between two successful attempts'
   completions on a path, measured until every path has had %[4]d
-  successes in a row after the last event.
+  successes in a row after the last event. An attempt counts in the
+  scenario it started in: a window closes once every attempt started in
+  it has ended.
 - **A default-TCP client** does not give up after %[5]s: its dropped SYN
   is sent again 1 s, 3 s, 7 s, ... after the first. The column gives the
   first of those at or after the longest gap, where an attempt failed:
@@ -320,7 +422,13 @@ sidecar's: where it fails too, the machine stalled the measurement.
   all had the same packet path throughout, and its failed attempts are put
   down to the machine's scheduling too (a worker's thread not run for a
   whole timeout on a loaded machine; the control, with a quarter of the
-  attempts, does not always catch it). Both are shown, never hidden; on
+  attempts, does not always catch it). When an attempt fails, its
+  socket's state is read back from the kernel (TCP_INFO) as the client
+  gives up: where the SYN had been answered and, if the bytes had been
+  written, acknowledged, with nothing lost or sent again (a dropped SYN
+  is sent again only after 1 s), the path was open and the client or the
+  echo server, both in the measuring process, was not run in time
+  (*answered late*). All of these are shown, never hidden; on
   legacy the rules cannot be watched and only the control counts. A gap
   target is *not measured* where the control itself went longer than the
   target without a success in the same window.

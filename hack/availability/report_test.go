@@ -27,21 +27,43 @@ func TestDefaultTCPWait(t *testing.T) {
 
 func TestMarkStalls(t *testing.T) {
 	t0 := time.Now()
-	at := func(ms int) time.Time { return t0.Add(time.Duration(ms) * time.Millisecond) }
+	at := func(from, to int) failure {
+		return failure{span: span{t0.Add(time.Duration(from) * time.Millisecond), t0.Add(time.Duration(to) * time.Millisecond)}}
+	}
+	late := func(f failure) failure {
+		f.late = true
+		return f
+	}
 	stats := []pathStats{
 		// Overlaps the control's failure, then one of its own.
-		{Failed: 2, failures: []span{{at(0), at(300)}, {at(1000), at(1300)}}},
+		{Failed: 2, failures: []failure{at(0, 300), at(1000, 1300)}},
 		// Ends exactly when the control's failure starts: no overlap.
-		{Failed: 1, failures: []span{{at(0), at(250)}}},
-		{Failed: 1, failures: []span{{at(250), at(550)}}}, // the control
+		{Failed: 1, failures: []failure{at(0, 250)}},
+		// Answered late, outside the control's failure, and one late
+		// inside it.
+		{Failed: 2, Late: 2, failures: []failure{late(at(2000, 2300)), late(at(300, 600))}},
+		{Failed: 1, failures: []failure{at(250, 550)}}, // the control
 	}
 	markStalls(stats)
-	if stats[0].InStall != 1 || stats[1].InStall != 0 {
-		t.Errorf("InStall = %d, %d; want 1, 0", stats[0].InStall, stats[1].InStall)
+	if stats[0].InStall != 1 || stats[1].InStall != 0 || stats[2].InStall != 1 {
+		t.Errorf("InStall = %d, %d, %d; want 1, 0, 1", stats[0].InStall, stats[1].InStall, stats[2].InStall)
 	}
-	r := result{Scenario: scenario{Kind: lifecycle}, PathNames: []string{"a", "b", "control"}, Paths: stats}
-	if got := r.failed() - r.inStall(); got != 2 {
-		t.Errorf("failures outside stalls = %d, want 2", got)
+	if stats[0].Own != 1 || stats[1].Own != 1 || stats[2].Own != 0 {
+		t.Errorf("Own = %d, %d, %d; want 1, 1, 0", stats[0].Own, stats[1].Own, stats[2].Own)
+	}
+	r := result{Scenario: scenario{Kind: lifecycle}, PathNames: []string{"a", "b", "c", "control"}, Paths: stats, Changes: -1}
+	if got := r.own(); got != 2 {
+		t.Errorf("failures held against the sidecar = %d, want 2", got)
+	}
+	if got, want := r.verdict(), "**missed**: 5 failed, 2 of them neither"; !strings.HasPrefix(got, want) {
+		t.Errorf("verdict = %q, want it to start with %q", got, want)
+	}
+	// Without the two of its own, every failure is the machine's.
+	r.Paths = []pathStats{stats[2], stats[3]}
+	r.PathNames = []string{"c", "control"}
+	markStalls(r.Paths)
+	if got, want := r.verdict(), "met: 0 failed but 2 the machine's: 1 during stalls that failed the control 1 times, 1 answered in time by the kernel"; !strings.HasPrefix(got, want) {
+		t.Errorf("verdict = %q, want it to start with %q", got, want)
 	}
 }
 
