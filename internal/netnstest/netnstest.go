@@ -15,17 +15,17 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nsthread"
 )
 
 // namePrefix starts the name of every namespace this package creates, so a
@@ -173,40 +173,11 @@ func (n *NS) Do(t testing.TB, f func() error) error {
 }
 
 // DoIn runs f on an OS thread switched into the network namespace target
-// and returns f's error, or the error of switching. Sockets opened by f
-// stay in the namespace after the thread switches back, and a process f
-// starts starts there, so DoIn is the way to listen, dial or start a
-// program inside it. If the thread cannot switch back it stays locked, so
-// the Go runtime ends it with its goroutine instead of reusing it. DoIn
-// needs no test: programs such as hack/bench use it too.
-func DoIn(target netns.NsHandle, f func() error) error {
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("getting current network namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(target); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering network namespace: %w", err)
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			// Keep the thread locked: it is still in the other namespace
-			// and must die with this goroutine.
-			errc <- errors.Join(ferr, fmt.Errorf("leaving network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
-}
+// and returns f's error, or the error of switching (see nsthread.Run).
+// Sockets opened by f stay in the namespace, and a process f starts starts
+// there, so DoIn is the way to listen, dial or start a program inside it.
+// DoIn needs no test: programs such as hack/bench use it too.
+func DoIn(target netns.NsHandle, f func() error) error { return nsthread.Run(target, f) }
 
 // RequireLinkKind skips the test unless the kernel can create links of kind
 // (for example "dummy"), probing inside the namespace. In CI (CI=true) it

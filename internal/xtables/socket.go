@@ -23,6 +23,8 @@ import (
 
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/nsthread"
 )
 
 // Family is an address family of x_tables: ip_tables or ip6_tables.
@@ -317,30 +319,5 @@ func inNamespace(ns netns.NsHandle, f func() error) error {
 	if !ns.IsOpen() {
 		return f()
 	}
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		orig, err := netns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("getting the current network namespace: %w", err)
-			return
-		}
-		defer orig.Close()
-		if err := netns.Set(ns); err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("entering the network namespace: %w", err)
-			return
-		}
-		ferr := f()
-		if err := netns.Set(orig); err != nil {
-			// Stay locked: the thread dies with this goroutine rather than
-			// serve others from the wrong namespace.
-			errc <- errors.Join(ferr, fmt.Errorf("leaving the network namespace: %w", err))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- ferr
-	}()
-	return <-errc
+	return nsthread.Run(ns, f)
 }
