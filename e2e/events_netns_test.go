@@ -180,6 +180,12 @@ func TestLegacyRepairUndoneAtOnce(t *testing.T) {
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
+		// Should the test end before handing it its input, the restore
+		// must not wait on its stdin forever.
+		t.Cleanup(func() {
+			_ = cmd.Process.Kill()
+			_ = cmd.Wait()
+		})
 		return func() {
 			t.Helper()
 			_, err := io.WriteString(in, "*filter\n-D INPUT -j APISERVER-PROXY-INPUT\nCOMMIT\n")
