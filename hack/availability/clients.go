@@ -461,7 +461,7 @@ func (h *harness) echoServer(ctx context.Context, ns *namespace, addrs ...netip.
 	}}
 	for _, a := range addrs {
 		var ln net.Listener
-		if err := h.inNamespace(ns, func() error {
+		if err := h.InNamespace(ns, func() error {
 			var err error
 			ln, err = lc.Listen(ctx, "tcp4", a.String())
 			return err

@@ -54,7 +54,7 @@ func TestJudge(t *testing.T) {
 func TestAttemptsJudgedByTheKernel(t *testing.T) {
 	netnstest.RequireBinaries(t, "iptables-nft")
 	tns := netnstest.New(t)
-	ns := &namespace{Name: tns.Name, handle: tns.NetNS(t)}
+	ns := &namespace{Name: tns.Name, Handle: tns.NetNS(t)}
 	const echoPort, droppedPort, silentPort = 7001, 7002, 7003
 	tns.Run(t, "iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", strconv.Itoa(droppedPort), "--syn", "-j", "DROP")
 
@@ -70,7 +70,7 @@ func TestAttemptsJudgedByTheKernel(t *testing.T) {
 		t.Fatal(err)
 	}
 	var silent net.Listener
-	if err := h.inNamespace(ns, func() (err error) {
+	if err := h.InNamespace(ns, func() (err error) {
 		silent, err = net.Listen("tcp4", addr(silentPort).String())
 		return err
 	}); err != nil {

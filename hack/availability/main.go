@@ -26,6 +26,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 )
 
@@ -136,12 +137,12 @@ func availabilityMain(args []string) int {
 
 	// A private xtables lock for everything started here: the machine's
 	// /run/xtables.lock may be held by anyone.
-	lock := fmt.Sprintf("/run/apavail-%d.lock", os.Getpid())
-	defer os.Remove(lock)
-	h := newHarness(append(os.Environ(), "XTABLES_LOCKFILE="+lock))
+	env, removeLock := nsrun.PrivateXtablesLock("apavail")
+	defer removeLock()
+	h := newHarness(env)
 
 	rep, runErr := run(ctx, h, binPath, p)
-	cleanErr := h.cleanup()
+	cleanErr := h.Cleanup()
 	if cleanErr != nil {
 		fmt.Fprintf(os.Stderr, "availability: cleaning up: %v\n", cleanErr)
 	}

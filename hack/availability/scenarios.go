@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 )
 
@@ -77,7 +78,7 @@ func (n *node) program(t backend.Tool) string {
 }
 
 func (n *node) ipt(ctx context.Context, args ...string) (string, error) {
-	return n.h.run(ctx, n.ns, "", n.program(backend.IPTables), args...)
+	return n.h.Run(ctx, n.ns, "", n.program(backend.IPTables), args...)
 }
 
 // sidecarArgs is the daemon's command line on this backend.
@@ -97,10 +98,10 @@ const faultCycle = time.Second
 func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, log func(string, ...any)) (*node, error) {
 	n := &node{h: h, plan: p, bin: bin, backend: backendName, log: log}
 	var err error
-	if n.ns, err = h.newNamespace(ctx); err != nil {
+	if n.ns, err = h.NewNamespace(ctx); err != nil {
 		return nil, err
 	}
-	if n.pod, err = h.newNamespace(ctx); err != nil {
+	if n.pod, err = h.NewNamespace(ctx); err != nil {
 		return nil, err
 	}
 	steps := [][]string{
@@ -121,7 +122,7 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, 
 		{"ip", "-n", n.ns.Name, "route", "add", serviceCIDR, "via", strings.Split(podVeth, "/")[0]},
 	}
 	for _, s := range steps {
-		if err := runHost(ctx, s[0], s[1:]...); err != nil {
+		if err := nsrun.RunHost(ctx, s[0], s[1:]...); err != nil {
 			return nil, err
 		}
 	}
@@ -130,10 +131,10 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, 
 			return nil, err
 		}
 	}
-	if n.baseFilter, err = n.h.run(ctx, n.ns, "", n.program(backend.Save), "-t", "filter"); err != nil {
+	if n.baseFilter, err = n.h.Run(ctx, n.ns, "", n.program(backend.Save), "-t", "filter"); err != nil {
 		return nil, err
 	}
-	if _, err := n.h.run(ctx, n.ns, kubeProxyRules(), n.program(backend.Restore), "--noflush"); err != nil {
+	if _, err := n.h.Run(ctx, n.ns, kubeProxyRules(), n.program(backend.Restore), "--noflush"); err != nil {
 		return nil, fmt.Errorf("loading kube-proxy's rules: %w", err)
 	}
 	proxy := netip.AddrPortFrom(netip.MustParseAddr(proxyAddr), port)
@@ -174,12 +175,12 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, 
 // counts the lines in n.changes. `ip monitor address` prints two lines for
 // each address: a change is any line that does not start with a space.
 func (n *node) monitor(ctx context.Context, name string, args ...string) error {
-	c := n.h.command(ctx, name, args...)
+	c := n.h.Command(ctx, name, args...)
 	out, err := c.StdoutPipe()
 	if err != nil {
 		return err
 	}
-	if err := n.h.start(n.ns, c); err != nil {
+	if err := n.h.Start(n.ns, c); err != nil {
 		return err
 	}
 	go func() {
@@ -461,13 +462,13 @@ func flushInput(ctx context.Context, n *node) error {
 // restoreFilter replaces the filter table with the node's saved base
 // rules, as a firewalld reload or netfilter-persistent does.
 func restoreFilter(ctx context.Context, n *node) error {
-	_, err := n.h.run(ctx, n.ns, n.baseFilter, n.program(backend.Restore))
+	_, err := n.h.Run(ctx, n.ns, n.baseFilter, n.program(backend.Restore))
 	return err
 }
 
 func deleteAddresses(ctx context.Context, n *node) error {
 	for _, a := range []string{proxyAddr, clusterIP} {
-		if _, err := n.h.run(ctx, n.ns, "", "ip", "addr", "del", a+"/32", "dev", "lo"); err != nil {
+		if _, err := n.h.Run(ctx, n.ns, "", "ip", "addr", "del", a+"/32", "dev", "lo"); err != nil {
 			return err
 		}
 	}
@@ -492,7 +493,7 @@ func writerStorm(ctx context.Context, n *node, _ int) (string, error) {
 		started := time.Now()
 		for b := range stormBatches {
 			from := time.Now()
-			if _, err := n.h.run(ctx, n.ns, stormBatch(rounds, b), n.program(backend.Restore), "--noflush", "--wait=60"); err != nil {
+			if _, err := n.h.Run(ctx, n.ns, stormBatch(rounds, b), n.program(backend.Restore), "--noflush", "--wait=60"); err != nil {
 				return "", fmt.Errorf("the writer's round %d: %w", rounds, err)
 			}
 			n.writes = append(n.writes, span{from, time.Now()})

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
 )
 
 // Client paths: a pod's connections to the `kubernetes` Service's ClusterIP
@@ -96,22 +98,22 @@ func (r clientResult) EntriesPer1000() float64 {
 // are made one at a time. A fresh pod for each path: the ports its closed
 // connections keep in TIME_WAIT would slow the next path's connects.
 func (b *bench) clientPaths(ctx context.Context, backend string) (res []clientResult, err error) {
-	node, err := b.h.newNamespace(ctx)
+	node, err := b.h.NewNamespace(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
-		if derr := b.h.deleteNamespace(node); derr != nil && err == nil {
+		if derr := b.h.DeleteNamespace(node); derr != nil && err == nil {
 			err = derr
 		}
 	}()
-	if _, err := b.h.run(ctx, node, kubernetesServicePayload(clientClusterIP, benchIP, benchPort), "iptables-"+backend+"-restore", "--noflush"); err != nil {
+	if _, err := b.h.Run(ctx, node, kubernetesServicePayload(clientClusterIP, benchIP, benchPort), "iptables-"+backend+"-restore", "--noflush"); err != nil {
 		return nil, fmt.Errorf("loading kube-proxy's rules: %w", err)
 	}
 	target := netip.AddrPortFrom(netip.MustParseAddr(clientClusterIP), benchPort)
 	for _, p := range clientPathKinds {
 		argv := p.sidecarArgs(b.bin, backend)
-		if _, err := b.h.run(ctx, node, "", argv[0], argv[1:]...); err != nil {
+		if _, err := b.h.Run(ctx, node, "", argv[0], argv[1:]...); err != nil {
 			return nil, fmt.Errorf("%s: %w", p, err)
 		}
 		// The proxy listens on every address it serves; the ClusterIP is
@@ -140,12 +142,12 @@ func (b *bench) clientPaths(ctx context.Context, backend string) (res []clientRe
 // clientPath creates a pod namespace joined to node by a veth and routed
 // through it, runs connectLoop from it, and deletes it.
 func (b *bench) clientPath(ctx context.Context, node *namespace, target netip.AddrPort) (r clientResult, err error) {
-	pod, err := b.h.newNamespace(ctx)
+	pod, err := b.h.NewNamespace(ctx)
 	if err != nil {
 		return r, err
 	}
 	defer func() {
-		if derr := b.h.deleteNamespace(pod); derr != nil && err == nil {
+		if derr := b.h.DeleteNamespace(pod); derr != nil && err == nil {
 			err = derr
 		}
 	}()
@@ -157,7 +159,7 @@ func (b *bench) clientPath(ctx context.Context, node *namespace, target netip.Ad
 		{"-n", pod.Name, "addr", "add", podVethAddr, "dev", "veth-pod"},
 		{"-n", pod.Name, "route", "add", "default", "via", strings.Split(nodeVethAddr, "/")[0]},
 	} {
-		if err := runHost(ctx, "ip", args...); err != nil {
+		if err := nsrun.RunHost(ctx, "ip", args...); err != nil {
 			return r, err
 		}
 	}
@@ -180,7 +182,7 @@ func (b *bench) connectLoop(ctx context.Context, node, pod *namespace, target ne
 	}
 	lat := make([]time.Duration, 0, b.plan.ClientConns)
 	start := time.Now()
-	err = b.h.inNamespace(pod, func() error {
+	err = b.h.InNamespace(pod, func() error {
 		for len(lat) < b.plan.ClientConns && time.Since(start) < b.plan.ClientTime {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -219,7 +221,7 @@ func percentile(sorted []time.Duration, p int) time.Duration {
 // connectFrom is connectOnce from inside ns.
 func (h *harness) connectFrom(ns *namespace, target netip.AddrPort) (time.Duration, error) {
 	var d time.Duration
-	err := h.inNamespace(ns, func() error {
+	err := h.InNamespace(ns, func() error {
 		var err error
 		d, err = connectOnce(target)
 		return err
@@ -281,7 +283,7 @@ func connectOnce(target netip.AddrPort) (time.Duration, error) {
 // own where conntrack tracks them.
 func (h *harness) acceptAndClose(ns *namespace, addr netip.AddrPort) (stop func(), err error) {
 	var ln net.Listener
-	if err := h.inNamespace(ns, func() error {
+	if err := h.InNamespace(ns, func() error {
 		var err error
 		ln, err = net.Listen("tcp", addr.String())
 		return err
@@ -316,7 +318,7 @@ func (h *harness) acceptAndClose(ns *namespace, addr netip.AddrPort) (stop func(
 // namespace's own nf_conntrack_count, read on a thread inside it.
 func (h *harness) conntrackCount(ns *namespace) (int, error) {
 	var n int
-	err := h.inNamespace(ns, func() error {
+	err := h.InNamespace(ns, func() error {
 		b, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_count")
 		if err != nil {
 			return err

@@ -31,6 +31,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
 )
 
 const notRootMsg = "make bench needs root: it creates network namespaces (run: sudo make bench)"
@@ -94,13 +96,12 @@ func benchMain(args []string) int {
 	// A private xtables lock for everything started here: the machine's
 	// /run/xtables.lock may be held by anyone, which would time everyone
 	// waiting for it instead of the work. All contenders use the same one.
-	lock := fmt.Sprintf("/run/apbench-%d.lock", os.Getpid())
-	defer os.Remove(lock)
-	env := append(os.Environ(), "XTABLES_LOCKFILE="+lock)
+	env, removeLock := nsrun.PrivateXtablesLock("apbench")
+	defer removeLock()
 
 	h := newHarness(env)
 	doc, runErr := run(ctx, h, binPath, self, p)
-	cleanErr := h.cleanup()
+	cleanErr := h.Cleanup()
 	if cleanErr != nil {
 		fmt.Fprintf(os.Stderr, "bench: cleaning up: %v\n", cleanErr)
 	}

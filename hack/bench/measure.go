@@ -201,13 +201,13 @@ func (b *bench) teardown(ctx context.Context, ns *namespace, c contender, backen
 	if c == ours {
 		args = b.ourArgs(backend, "--daemon=false", "--cleanup")
 	}
-	_, err := b.h.run(ctx, ns, "", args[0], args[1:]...)
+	_, err := b.h.Run(ctx, ns, "", args[0], args[1:]...)
 	return err
 }
 
 // measure runs argv in ns and returns what it cost.
 func (b *bench) measure(ctx context.Context, ns *namespace, argv []string) (runStats, error) {
-	c := b.h.command(ctx, argv[0], argv[1:]...)
+	c := b.h.Command(ctx, argv[0], argv[1:]...)
 	var stderr bytes.Buffer
 	c.Stderr = &stderr
 	mark := 0
@@ -215,10 +215,10 @@ func (b *bench) measure(ctx context.Context, ns *namespace, argv []string) (runS
 		mark = b.ts.mark()
 	}
 	start := time.Now()
-	if err := b.h.start(ns, c); err != nil {
+	if err := b.h.Start(ns, c); err != nil {
 		return runStats{}, err
 	}
-	err := b.h.wait(c)
+	err := b.h.Wait(c)
 	st := runStats{Wall: time.Since(start)}
 	if err != nil {
 		return st, fmt.Errorf("%s: %w: %s", strings.Join(argv, " "), err, lastLines(stderr.String(), 5))
@@ -315,12 +315,12 @@ func median(v []float64) float64 {
 // scenario measures everything for one scenario in a namespace of its own.
 func (b *bench) scenario(ctx context.Context, sc scenario) (res scenarioResult, err error) {
 	res.Scenario = sc
-	ns, err := b.h.newNamespace(ctx)
+	ns, err := b.h.NewNamespace(ctx)
 	if err != nil {
 		return res, err
 	}
 	defer func() {
-		if derr := b.h.deleteNamespace(ns); derr != nil && err == nil {
+		if derr := b.h.DeleteNamespace(ns); derr != nil && err == nil {
 			err = derr
 		}
 	}()
@@ -328,7 +328,7 @@ func (b *bench) scenario(ctx context.Context, sc scenario) (res scenarioResult, 
 		start := time.Now()
 		// Without --noflush: the table is empty in a new namespace, and
 		// iptables-nft-restore --noflush of 20,000 chains takes a minute.
-		if _, err := b.h.run(ctx, ns, p, "iptables-"+sc.Backend+"-restore"); err != nil {
+		if _, err := b.h.Run(ctx, ns, p, "iptables-"+sc.Backend+"-restore"); err != nil {
 			return res, fmt.Errorf("loading foreign rules: %w", err)
 		}
 		res.LoadTime = time.Since(start)
@@ -400,13 +400,13 @@ type daemon struct {
 }
 
 func (b *bench) startDaemon(ctx context.Context, ns *namespace, args []string) (*daemon, error) {
-	c := b.h.command(ctx, args[0], args[1:]...)
+	c := b.h.Command(ctx, args[0], args[1:]...)
 	pipe, err := c.StderrPipe()
 	if err != nil {
 		return nil, err
 	}
 	d := &daemon{h: b.h, cmd: c, changed: make(chan struct{}), done: make(chan struct{})}
-	if err := b.h.start(ns, c); err != nil {
+	if err := b.h.Start(ns, c); err != nil {
 		return nil, err
 	}
 	d.pid = c.Process.Pid
@@ -503,7 +503,7 @@ func (d *daemon) terminate() error {
 	case <-time.After(10 * time.Second):
 		_ = d.cmd.Process.Kill()
 	}
-	err := d.h.wait(d.cmd)
+	err := d.h.Wait(d.cmd)
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {
 		return fmt.Errorf("daemon exited with %v: %s", err, d.lastLog())
@@ -634,7 +634,7 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 	check := map[string]func() (bool, error){
 		"address": func() (bool, error) { return b.hasAddress(ns) },
 		"chain": func() (bool, error) {
-			out, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-S", ourChain)
+			out, err := b.h.Run(ctx, ns, "", iptables, "-t", "filter", "-S", ourChain)
 			if err != nil {
 				lastCheck = err.Error()
 				return false, nil // being rewritten
@@ -644,7 +644,7 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 			return out == want, nil
 		},
 		"jump": func() (bool, error) {
-			out, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-S", "INPUT")
+			out, err := b.h.Run(ctx, ns, "", iptables, "-t", "filter", "-S", "INPUT")
 			if err != nil {
 				return false, err
 			}
@@ -653,18 +653,18 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 	}
 	breakIt := map[string]func() error{
 		"address": func() error {
-			lo, err := ns.nl.LinkByName("lo")
+			lo, err := ns.NL.LinkByName("lo")
 			if err != nil {
 				return err
 			}
-			return ns.nl.AddrDel(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(benchIP).To4(), Mask: net.CIDRMask(32, 32)}})
+			return ns.NL.AddrDel(lo, &netlink.Addr{IPNet: &net.IPNet{IP: net.ParseIP(benchIP).To4(), Mask: net.CIDRMask(32, 32)}})
 		},
 		"chain": func() error {
-			_, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-F", ourChain)
+			_, err := b.h.Run(ctx, ns, "", iptables, "-t", "filter", "-F", ourChain)
 			return err
 		},
 		"jump": func() error {
-			_, err := b.h.run(ctx, ns, "", iptables, "-t", "filter", "-D", "INPUT", "-j", ourChain)
+			_, err := b.h.Run(ctx, ns, "", iptables, "-t", "filter", "-D", "INPUT", "-j", ourChain)
 			return err
 		},
 	}
@@ -680,7 +680,7 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 	// with iptables -S then confirms it.
 	var entries func() (uint32, error)
 	if backend == "legacy" {
-		sock, err := xtables.Open(ns.handle, xtables.IPv4)
+		sock, err := xtables.Open(ns.Handle, xtables.IPv4)
 		if err != nil {
 			return out, err
 		}
@@ -737,7 +737,7 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 				err = b.pollWhole(ctx, func() (bool, error) { return d.repairs() > repairedBefore, nil }, 20*time.Second)
 			}
 			if err != nil {
-				saved, _ := b.h.run(ctx, ns, "", iptables+"-save", "-t", "filter")
+				saved, _ := b.h.Run(ctx, ns, "", iptables+"-save", "-t", "filter")
 				return out, fmt.Errorf("%s not repaired: %w; the last check of the chain saw %q; the table: %q; log ends: %s", kind, err, lastCheck, saved, d.lastLog())
 			}
 			lat = append(lat, float64(took))
@@ -748,11 +748,11 @@ func (b *bench) repairs(ctx context.Context, ns *namespace, backend string) ([3]
 }
 
 func (b *bench) hasAddress(ns *namespace) (bool, error) {
-	lo, err := ns.nl.LinkByName("lo")
+	lo, err := ns.NL.LinkByName("lo")
 	if err != nil {
 		return false, err
 	}
-	return hasAddressVia(ns.nl, lo)
+	return hasAddressVia(ns.NL, lo)
 }
 
 func hasAddressVia(h *netlink.Handle, lo netlink.Link) (bool, error) {
