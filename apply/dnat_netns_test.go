@@ -9,7 +9,6 @@ import (
 	"net"
 	"net/netip"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/conntrack"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/kubeproxy"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
@@ -87,18 +87,11 @@ func newDNATNode(t testing.TB, b Backend, fam dnatFamily) *dnatNode {
 	// kube-proxy's shape: PREROUTING and OUTPUT jump to KUBE-SERVICES,
 	// which sends the Service to its KUBE-SVC chain, which picks a
 	// KUBE-SEP chain, which DNATs to the endpoint: our address.
-	to := netip.AddrPortFrom(fam.proxy, dnatPort).String()
-	for _, args := range [][]string{
-		{"-N", "KUBE-SERVICES"},
-		{"-N", "KUBE-SVC-NPX46M4PTMTKRN6Y"},
-		{"-N", "KUBE-SEP-IRMNZDQHKL3UJYGR"},
-		{"-A", "PREROUTING", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"},
-		{"-A", "OUTPUT", "-m", "comment", "--comment", "kubernetes service portals", "-j", "KUBE-SERVICES"},
-		{"-A", "KUBE-SERVICES", "-d", netip.PrefixFrom(fam.clusterIP, fam.clusterIP.BitLen()).String(), "-p", "tcp", "-m", "tcp", "--dport", strconv.Itoa(dnatPort), "-j", "KUBE-SVC-NPX46M4PTMTKRN6Y"},
-		{"-A", "KUBE-SVC-NPX46M4PTMTKRN6Y", "-j", "KUBE-SEP-IRMNZDQHKL3UJYGR"},
-		{"-A", "KUBE-SEP-IRMNZDQHKL3UJYGR", "-p", "tcp", "-m", "tcp", "-j", "DNAT", "--to-destination", to},
-	} {
-		n.ipt(t, append([]string{"-t", "nat"}, args...)...)
+	payload := kubeproxy.KubernetesService(netip.AddrPortFrom(fam.clusterIP, dnatPort), netip.AddrPortFrom(fam.proxy, dnatPort))
+	cmd := n.node.Command(program(b, render.FamilyOf(fam.proxy), backend.Restore), "--noflush")
+	cmd.Stdin = strings.NewReader(payload)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("loading kube-proxy's rules: %v: %s", err, out)
 	}
 	return n
 }

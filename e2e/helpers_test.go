@@ -30,6 +30,7 @@ import (
 	"github.com/prometheus/common/model"
 	"golang.org/x/sys/unix"
 
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/kubeproxy"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/netnstest"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/render"
 )
@@ -908,7 +909,7 @@ func loadKubeProxy(t *testing.T, ns *netnstest.NS, backend string, fam family, m
 	switch mode {
 	case iptablesMode:
 		path = filepath.Join(dir, "kube-proxy.rules")
-		writeFile(t, path, kubeProxyIPTables(fam))
+		writeFile(t, path, kubeproxy.KubernetesService(netip.AddrPortFrom(fam.clusterIP, 443), netip.AddrPortFrom(fam.proxy, proxyPort)))
 		ns.Run(t, fam.iptables+"-"+backend+"-restore", "--noflush", path)
 	case nftablesMode:
 		path = filepath.Join(dir, "kube-proxy.nft")
@@ -924,35 +925,6 @@ func writeFile(t *testing.T, path, content string) {
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// kubeProxyIPTables is what kube-proxy in iptables mode writes into nat for
-// the `kubernetes` Service with one endpoint, as iptables-restore input.
-func kubeProxyIPTables(fam family) string {
-	bits := strconv.Itoa(fam.proxy.BitLen())
-	endpoint := netip.AddrPortFrom(fam.proxy, proxyPort).String()
-	const svc, sep = "KUBE-SVC-NPX46M4PTMTKRN6Y", "KUBE-SEP-ZTTJ5EA4YGZXTPDU"
-	return strings.Join([]string{
-		"*nat",
-		":KUBE-SERVICES - [0:0]",
-		":KUBE-POSTROUTING - [0:0]",
-		":KUBE-MARK-MASQ - [0:0]",
-		":" + svc + " - [0:0]",
-		":" + sep + " - [0:0]",
-		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
-		`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
-		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
-		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
-		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`,
-		`-A KUBE-SERVICES -d ` + fam.clusterIP.String() + "/" + bits + ` -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j ` + svc,
-		`-A ` + svc + ` -m comment --comment "default/kubernetes:https -> ` + endpoint + `" -j ` + sep,
-		`-A ` + sep + ` -s ` + fam.proxy.String() + "/" + bits + ` -m comment --comment "default/kubernetes:https" -j KUBE-MARK-MASQ`,
-		`-A ` + sep + ` -p tcp -m comment --comment "default/kubernetes:https" -m tcp -j DNAT --to-destination ` + endpoint,
-		"COMMIT",
-		"",
-	}, "\n")
 }
 
 // kubeProxyNFTables is what kube-proxy in nftables mode writes for the

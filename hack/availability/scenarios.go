@@ -14,6 +14,7 @@ import (
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/backend"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/kubeproxy"
 )
 
 // The node: a "node" namespace running the sidecar, with kube-proxy's
@@ -134,7 +135,7 @@ func (h *harness) newNode(ctx context.Context, p plan, bin, backendName string, 
 	if n.baseFilter, err = n.h.Run(ctx, n.ns, "", n.program(backend.Save), "-t", "filter"); err != nil {
 		return nil, err
 	}
-	if _, err := n.h.Run(ctx, n.ns, kubeProxyRules(), n.program(backend.Restore), "--noflush"); err != nil {
+	if _, err := n.h.Run(ctx, n.ns, kubeproxy.KubernetesService(netip.AddrPortFrom(netip.MustParseAddr(clusterIP), port), netip.AddrPortFrom(netip.MustParseAddr(proxyAddr), port)), n.program(backend.Restore), "--noflush"); err != nil {
 		return nil, fmt.Errorf("loading kube-proxy's rules: %w", err)
 	}
 	proxy := netip.AddrPortFrom(netip.MustParseAddr(proxyAddr), port)
@@ -227,35 +228,6 @@ func (n *node) pathNames() []string {
 		names = append(names, pc.Name)
 	}
 	return names
-}
-
-// kubeProxyRules is what kube-proxy in iptables mode writes into nat for
-// the `kubernetes` Service with one endpoint, the proxy's address, as
-// iptables-restore input.
-func kubeProxyRules() string {
-	endpoint := fmt.Sprintf("%s:%d", proxyAddr, port)
-	const svc, sep = "KUBE-SVC-NPX46M4PTMTKRN6Y", "KUBE-SEP-ZTTJ5EA4YGZXTPDU"
-	return strings.Join([]string{
-		"*nat",
-		":KUBE-SERVICES - [0:0]",
-		":KUBE-POSTROUTING - [0:0]",
-		":KUBE-MARK-MASQ - [0:0]",
-		":" + svc + " - [0:0]",
-		":" + sep + " - [0:0]",
-		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
-		`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
-		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
-		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
-		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully`,
-		`-A KUBE-SERVICES -d ` + clusterIP + `/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j ` + svc,
-		`-A ` + svc + ` -m comment --comment "default/kubernetes:https -> ` + endpoint + `" -j ` + sep,
-		`-A ` + sep + ` -s ` + proxyAddr + `/32 -m comment --comment "default/kubernetes:https" -j KUBE-MARK-MASQ`,
-		`-A ` + sep + ` -p tcp -m comment --comment "default/kubernetes:https" -m tcp -j DNAT --to-destination ` + endpoint,
-		"COMMIT",
-		"",
-	}, "\n")
 }
 
 // kind is what a scenario measures against.

@@ -293,23 +293,6 @@ func TestMissingPrograms(t *testing.T) {
 	}
 }
 
-func TestKubernetesServicePayload(t *testing.T) {
-	p := kubernetesServicePayload("100.64.0.1", "10.96.0.2", 443)
-	total, byChain := ruleCounts(t, p)
-	if total != 11 || byChain["PREROUTING"] != 1 || byChain["OUTPUT"] != 1 || byChain["POSTROUTING"] != 1 {
-		t.Errorf("%d rules, by chain %v; want 11, one jump each from PREROUTING, OUTPUT and POSTROUTING", total, byChain)
-	}
-	for _, want := range []*regexp.Regexp{
-		regexp.MustCompile(`(?m)^-A KUBE-SERVICES -d 100\.64\.0\.1/32 -p tcp -m comment --comment "default/kubernetes:https cluster IP" -m tcp --dport 443 -j KUBE-SVC-[0-9A-F]{16}$`),
-		regexp.MustCompile(`(?m)^-A KUBE-SEP-[0-9A-F]{16} -s 10\.96\.0\.2/32 .*-j KUBE-MARK-MASQ$`),
-		regexp.MustCompile(`(?m)^-A KUBE-SEP-[0-9A-F]{16} -p tcp .*-m tcp -j DNAT --to-destination 10\.96\.0\.2:443$`),
-	} {
-		if !want.MatchString(p) {
-			t.Errorf("payload has no line matching %s:\n%s", want, p)
-		}
-	}
-}
-
 func TestPercentile(t *testing.T) {
 	var d []time.Duration
 	for i := 1; i <= 200; i++ {

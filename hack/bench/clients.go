@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/apiserver-proxy/apiserver-proxy-sidecar/hack/internal/nsrun"
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/kubeproxy"
 )
 
 // Client paths: a pod's connections to the `kubernetes` Service's ClusterIP
@@ -107,7 +108,7 @@ func (b *bench) clientPaths(ctx context.Context, backend string) (res []clientRe
 			err = derr
 		}
 	}()
-	if _, err := b.h.Run(ctx, node, kubernetesServicePayload(clientClusterIP, benchIP, benchPort), "iptables-"+backend+"-restore", "--noflush"); err != nil {
+	if _, err := b.h.Run(ctx, node, kubeproxy.KubernetesService(netip.AddrPortFrom(netip.MustParseAddr(clientClusterIP), benchPort), netip.AddrPortFrom(netip.MustParseAddr(benchIP), benchPort)), "iptables-"+backend+"-restore", "--noflush"); err != nil {
 		return nil, fmt.Errorf("loading kube-proxy's rules: %w", err)
 	}
 	target := netip.AddrPortFrom(netip.MustParseAddr(clientClusterIP), benchPort)
@@ -330,31 +331,4 @@ func (h *harness) conntrackCount(ns *namespace) (int, error) {
 		return 0, fmt.Errorf("conntrack count in %s: %w", ns.Name, err)
 	}
 	return n, nil
-}
-
-// kubernetesServicePayload is kube-proxy's nat rules, iptables mode, for
-// the `kubernetes` Service at clusterIP:port with one endpoint, ep:port:
-// KUBE-SERVICES jumped from PREROUTING and OUTPUT, a KUBE-SVC chain, a
-// KUBE-SEP chain that marks hairpin traffic and DNATs, KUBE-MARK-MASQ and
-// KUBE-POSTROUTING.
-func kubernetesServicePayload(clusterIP, ep string, port int) string {
-	name := "default/kubernetes:https"
-	svc := hashName("KUBE-SVC-", name)
-	sep := hashName("KUBE-SEP-", name+ep)
-	dest := fmt.Sprintf("%s:%d", ep, port)
-	decl := []string{":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]", ":KUBE-POSTROUTING - [0:0]", ":" + svc + " - [0:0]", ":" + sep + " - [0:0]"}
-	rules := []string{
-		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
-		`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
-		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
-		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
-		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE`,
-		fmt.Sprintf(`-A KUBE-SERVICES -d %s/32 -p tcp -m comment --comment "%s cluster IP" -m tcp --dport %d -j %s`, clusterIP, name, port, svc),
-		fmt.Sprintf(`-A %s -m comment --comment "%s -> %s" -j %s`, svc, name, dest, sep),
-		fmt.Sprintf(`-A %s -s %s/32 -m comment --comment "%s" -j KUBE-MARK-MASQ`, sep, ep, name),
-		fmt.Sprintf(`-A %s -p tcp -m comment --comment "%s" -m tcp -j DNAT --to-destination %s`, sep, name, dest),
-	}
-	return restorePayload("nat", decl, rules)
 }

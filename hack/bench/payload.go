@@ -4,6 +4,8 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"strings"
+
+	"github.com/apiserver-proxy/apiserver-proxy-sidecar/internal/kubeproxy"
 )
 
 // Foreign rules: what other agents keep in a node's tables, generated as one
@@ -33,19 +35,8 @@ func natPayload(n int) string {
 	}
 	var decl, rules []string
 	chain := func(name string) { decl = append(decl, ":"+name+" - [0:0]") }
-	chain("KUBE-SERVICES")
-	chain("KUBE-MARK-MASQ")
-	chain("KUBE-POSTROUTING")
-	fixed := []string{
-		`-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES`,
-		`-A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING`,
-		`-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000`,
-		`-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN`,
-		`-A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0`,
-		`-A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE`,
-	}
-	rules = append(rules, fixed[:min(n, len(fixed))]...)
+	decl = append(decl, kubeproxy.BaseChains...)
+	rules = append(rules, kubeproxy.Base[:min(n, len(kubeproxy.Base))]...)
 	const perService = 7 // 1 in KUBE-SERVICES, 2 in KUBE-SVC, 2 x 2 in KUBE-SEP
 	svc, ep := 0, 0
 	for len(rules)+perService <= n {
