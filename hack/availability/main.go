@@ -15,7 +15,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -142,22 +141,8 @@ func availabilityMain(args []string) int {
 	h := newHarness(env)
 
 	rep, runErr := run(ctx, h, binPath, p)
-	cleanErr := h.Cleanup()
-	if cleanErr != nil {
-		fmt.Fprintf(os.Stderr, "availability: cleaning up: %v\n", cleanErr)
-	}
-	switch {
-	case runErr != nil && errors.Is(ctx.Err(), context.DeadlineExceeded):
-		fmt.Fprintf(os.Stderr, "availability: stopped: the run exceeded its bound of %s (%v); namespaces removed\n", p.Bound, runErr)
-		return 1
-	case runErr != nil && ctx.Err() != nil:
-		fmt.Fprintf(os.Stderr, "availability: interrupted (%v); namespaces removed\n", runErr)
-		return 130
-	case runErr != nil:
-		fmt.Fprintf(os.Stderr, "availability: %v\n", runErr)
-		return 1
-	case cleanErr != nil:
-		return 1
+	if code, ok := nsrun.Outcome(ctx, "availability", p.Bound, runErr, h.Cleanup()); !ok {
+		return code
 	}
 	doc := rep.markdown()
 	if err := os.WriteFile(*out, []byte(doc), 0o644); err != nil {

@@ -18,7 +18,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"os"
@@ -101,22 +100,8 @@ func benchMain(args []string) int {
 
 	h := newHarness(env)
 	doc, runErr := run(ctx, h, binPath, self, p)
-	cleanErr := h.Cleanup()
-	if cleanErr != nil {
-		fmt.Fprintf(os.Stderr, "bench: cleaning up: %v\n", cleanErr)
-	}
-	switch {
-	case runErr != nil && errors.Is(ctx.Err(), context.DeadlineExceeded):
-		fmt.Fprintf(os.Stderr, "bench: stopped: the run exceeded its bound of %s (%v); namespaces removed\n", p.Bound, runErr)
-		return 1
-	case runErr != nil && ctx.Err() != nil:
-		fmt.Fprintf(os.Stderr, "bench: interrupted (%v); namespaces removed\n", runErr)
-		return 130
-	case runErr != nil:
-		fmt.Fprintf(os.Stderr, "bench: %v\n", runErr)
-		return 1
-	case cleanErr != nil:
-		return 1
+	if code, ok := nsrun.Outcome(ctx, "bench", p.Bound, runErr, h.Cleanup()); !ok {
+		return code
 	}
 	if err := os.WriteFile(*out, []byte(doc), 0o644); err != nil {
 		fmt.Fprintf(os.Stderr, "bench: %v\n", err)

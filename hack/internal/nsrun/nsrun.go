@@ -207,3 +207,28 @@ func RunHost(ctx context.Context, name string, args ...string) error {
 	}
 	return nil
 }
+
+// Outcome reports how a harness's run ended, on stderr as prog, once the
+// Harness has been cleaned up (cleanErr), and returns the exit code it
+// calls for: 0 and true when the run succeeded and its results may be
+// written; 1 when it failed, exceeded bound or could not clean up; 130
+// when it was interrupted.
+func Outcome(ctx context.Context, prog string, bound time.Duration, runErr, cleanErr error) (code int, ok bool) {
+	if cleanErr != nil {
+		fmt.Fprintf(os.Stderr, "%s: cleaning up: %v\n", prog, cleanErr)
+	}
+	switch {
+	case runErr != nil && errors.Is(ctx.Err(), context.DeadlineExceeded):
+		fmt.Fprintf(os.Stderr, "%s: stopped: the run exceeded its bound of %s (%v); namespaces removed\n", prog, bound, runErr)
+		return 1, false
+	case runErr != nil && ctx.Err() != nil:
+		fmt.Fprintf(os.Stderr, "%s: interrupted (%v); namespaces removed\n", prog, runErr)
+		return 130, false
+	case runErr != nil:
+		fmt.Fprintf(os.Stderr, "%s: %v\n", prog, runErr)
+		return 1, false
+	case cleanErr != nil:
+		return 1, false
+	}
+	return 0, true
+}
