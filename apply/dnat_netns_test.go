@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -330,28 +329,10 @@ func listenEchoIn(t testing.TB, ns *netnstest.NS, addr netip.AddrPort) {
 	}); err != nil {
 		t.Fatalf("listening on %s: %v", addr, err)
 	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() {
-		_ = ln.Close()
-		wg.Wait()
+	netnstest.Serve(t, ln, func(c net.Conn) {
+		_ = c.SetDeadline(time.Now().Add(workingTimeout))
+		_, _ = io.Copy(c, c)
 	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(workingTimeout))
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
 }
 
 // mustEchoFrom connects from inside ns to the echo server at addr and

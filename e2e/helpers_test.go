@@ -995,7 +995,6 @@ func addVethAddr(t *testing.T, ns *netnstest.NS, dev string, p netip.Prefix) {
 type echoServer struct {
 	mu    sync.Mutex
 	peers map[netip.AddrPort]bool
-	conns []net.Conn
 }
 
 // serveEcho serves, inside ns, an echo server on addr until the test ends.
@@ -1027,42 +1026,16 @@ func serveEcho(t *testing.T, ns *netnstest.NS, addr netip.AddrPort) *echoServer 
 		t.Fatalf("listening on %s in %s: %v", addr, ns.Name, err)
 	}
 	s := &echoServer{peers: make(map[netip.AddrPort]bool)}
-	var wg sync.WaitGroup
-	// Closing the server's side ends every echo even when the client's FIN
-	// was dropped by the firewall.
-	t.Cleanup(func() {
-		_ = ln.Close()
+	netnstest.Serve(t, ln, func(c net.Conn) {
 		s.mu.Lock()
-		for _, c := range s.conns {
-			_ = c.Close()
-		}
+		s.peers[tcpAddrPort(c.RemoteAddr())] = true
 		s.mu.Unlock()
-		wg.Wait()
+		// A client that keeps its connection open until the test ends is
+		// cut off at cleanup; the deadline ends one whose FIN never
+		// arrives before that.
+		_ = c.SetDeadline(time.Now().Add(2 * echoTimeout))
+		_, _ = io.Copy(c, c)
 	})
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			s.mu.Lock()
-			s.peers[tcpAddrPort(c.RemoteAddr())] = true
-			s.conns = append(s.conns, c)
-			s.mu.Unlock()
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				// A client that keeps its connection open until the test
-				// ends is cut off at cleanup; the deadline ends one whose
-				// FIN never arrives before that.
-				_ = c.SetDeadline(time.Now().Add(2 * echoTimeout))
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}()
 	return s
 }
 

@@ -108,21 +108,7 @@ func listen(t *testing.T, ns *netnstest.NS, addr netip.AddrPort) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		_ = ln.Close()
-		<-done
-	})
-	go func() {
-		defer close(done)
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_ = c.Close()
-		}
-	}()
+	netnstest.Serve(t, ln, func(net.Conn) {})
 }
 
 // connect opens and closes n connections to addr from inside ns.
