@@ -132,7 +132,7 @@ func newPlan(quick bool) plan {
 			},
 			Reps: 3, Syncs: 20, RepairReps: 3, LoopBudget: time.Second,
 			ClientBackends: []string{"nft"}, ClientTime: 2 * time.Second, ClientConns: 10000,
-			Bound: 110 * time.Second,
+			Bound: 3 * time.Minute,
 		}
 	}
 	var all []scenario
